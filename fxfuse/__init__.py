@@ -1,0 +1,16 @@
+"""fxfuse: a compiler-style graph optimizer for PyTorch transformer models."""
+
+from fxfuse.api import OptimizedModule, optimize
+from fxfuse.ir import dialect as _dialect  # registers the fxfuse:: ops
+from fxfuse.ir.capture import CaptureError
+from fxfuse.ir.verify import VerificationError
+from fxfuse.passes.manager import NumericsError, PassFailure, PassResult, Rejection
+from fxfuse.report import Report
+
+ops = _dialect.OPS
+
+__all__ = [
+    "CaptureError", "NumericsError", "OptimizedModule", "PassFailure", "PassResult",
+    "Rejection", "Report", "VerificationError", "optimize", "ops",
+]
+__version__ = "0.1.0"

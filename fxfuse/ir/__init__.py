@@ -1,0 +1,1 @@
+"""Graph IR: capture, the fxfuse dialect, fake-value metadata, verification, numerics."""

@@ -1,0 +1,237 @@
+"""The fxfuse dialect: fused ops registered under the ``fxfuse::`` namespace.
+
+Each op is a real ``torch.library`` custom op, so torch.export, torch.compile
+and the ONNX exporter see it as one opaque node. Each has:
+
+* a reference implementation in plain torch (what the eager back end runs),
+* a fake implementation (shapes and dtypes only, for tracing),
+* a docstring that states its exact semantics; back ends must match it.
+
+Layout conventions follow ``torch.nn.functional.scaled_dot_product_attention``:
+attention tensors are (batch, heads, seq, head_dim).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def _check_gqa(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"fxfuse.attention takes 4-D (batch, heads, seq, head_dim) tensors; "
+            f"got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"fxfuse.attention: query heads ({q.shape[1]}) must be a multiple of the "
+            f"key/value heads ({k.shape[1]}, {v.shape[1]})"
+        )
+
+
+@torch.library.custom_op("fxfuse::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+) -> Tensor:
+    """softmax(q·kᵀ·scale + mask) · v, per head.
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv) with Hq a
+    multiple of Hkv: query head h reads key/value head h // (Hq // Hkv)
+    (grouped-query attention, no materialized repeat). ``mask`` broadcasts to
+    (B, Hq, Sq, Sk): a float mask is added to the scores, a boolean mask keeps
+    the positions where it is True. ``scale`` defaults to 1/sqrt(D).
+    ``causal`` masks key j > query i (top-left aligned, as in SDPA). The
+    softmax is taken in at least float32. Returns (B, Hq, Sq, Dv) in q's dtype.
+    """
+    _check_gqa(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+@attention.register_fake
+def _(q, k, v, mask=None, scale=None, causal=False):
+    _check_gqa(q, k, v)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _rms(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
+
+
+@torch.library.custom_op("fxfuse::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """RMSNorm over the last dim, computed in float32.
+
+    y = (x' · rsqrt(mean(x'², -1) + eps)).to(x.dtype) with x' = x.float(),
+    then ``weight * y`` when a weight is given (dtype: promotion of the two).
+    """
+    return _rms(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    dtype = x.dtype if weight is None else torch.promote_types(weight.dtype, x.dtype)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("fxfuse::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor]:
+    """Residual add fused with RMSNorm: s = x + residual; returns (rms_norm(s, weight, eps), s)."""
+    s = x + residual
+    return _rms(s, weight, eps), s
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    s = x + residual
+    dtype = s.dtype if weight is None else torch.promote_types(weight.dtype, s.dtype)
+    return s.new_empty(s.shape, dtype=dtype), s
+
+
+def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@torch.library.custom_op("fxfuse::layer_norm", mutates_args=())
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased variance)."""
+    return _ln(x, weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxfuse::add_layer_norm", mutates_args=())
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor]:
+    """Residual add fused with LayerNorm: s = x + residual; returns (layer_norm(s, weight, bias, eps), s)."""
+    s = x + residual
+    return _ln(s, weight, bias, eps), s
+
+
+@add_layer_norm.register_fake
+def _(x, residual, weight, bias, eps):
+    s = x + residual
+    return torch.empty_like(s), s
+
+
+def _activation(x: Tensor, activation: str) -> Tensor:
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"fxfuse.gated_mlp_act: activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+
+
+@torch.library.custom_op("fxfuse::gated_mlp_act", mutates_args=())
+def gated_mlp_act(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """act(gate) * up, with act one of "silu", "gelu" (erf) or "gelu_tanh"."""
+    return _activation(gate, activation) * up
+
+
+@gated_mlp_act.register_fake
+def _(gate, up, activation):
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"fxfuse.gated_mlp_act: activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+    return torch.empty_like(gate * up)
+
+
+@torch.library.custom_op("fxfuse::gelu", mutates_args=())
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU: x·Φ(x) ("none", erf form) or 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) ("tanh")."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"fxfuse.gelu: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    return F.gelu(x, approximate=approximate)
+
+
+@gelu.register_fake
+def _(x, approximate="none"):
+    return torch.empty_like(x)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    rot_dim = cos.shape[-1]
+    xr, xpass = x[..., :rot_dim], x[..., rot_dim:]
+    if interleaved:
+        pairs = xr.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    else:
+        half = rot_dim // 2
+        rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    out = xr * cos + rotated * sin
+    return torch.cat((out, xpass), dim=-1) if xpass.shape[-1] else out
+
+
+def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    if cos.shape != sin.shape:
+        raise ValueError(f"fxfuse.rope: cos{tuple(cos.shape)} and sin{tuple(sin.shape)} must have one shape")
+    rot_dim = cos.shape[-1]
+    if rot_dim % 2 or rot_dim > q.shape[-1] or rot_dim > k.shape[-1]:
+        raise ValueError(
+            f"fxfuse.rope: the rotary dim (cos.shape[-1] = {rot_dim}) must be even and at most "
+            f"the head dim ({q.shape[-1]})"
+        )
+
+
+@torch.library.custom_op("fxfuse::rope", mutates_args=())
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """Rotary position embedding applied to q and k; returns (q', k').
+
+    q, k: (B, H, S, D); cos, sin broadcast to (B, H, S, R) with R = cos.shape[-1]
+    ≤ D, even. The first R dims rotate: x' = x·cos + rot(x)·sin, where rot
+    pairs dim i with i + R/2 (``rotate_half``: rot(x) = cat(-x[R/2:], x[:R/2]))
+    or, if ``interleaved``, dim 2i with 2i+1 (rot(x)[2i] = -x[2i+1],
+    rot(x)[2i+1] = x[2i]). Dims R..D pass through unchanged (partial rotary).
+    """
+    _check_rope(q, k, cos, sin)
+    return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+
+
+@rope.register_fake
+def _(q, k, cos, sin, interleaved=False):
+    _check_rope(q, k, cos, sin)
+    return torch.empty_like(q * cos[..., :1]), torch.empty_like(k * cos[..., :1])
+
+
+OPS = {
+    "attention": torch.ops.fxfuse.attention.default,
+    "rms_norm": torch.ops.fxfuse.rms_norm.default,
+    "add_rms_norm": torch.ops.fxfuse.add_rms_norm.default,
+    "layer_norm": torch.ops.fxfuse.layer_norm.default,
+    "add_layer_norm": torch.ops.fxfuse.add_layer_norm.default,
+    "gated_mlp_act": torch.ops.fxfuse.gated_mlp_act.default,
+    "gelu": torch.ops.fxfuse.gelu.default,
+    "rope": torch.ops.fxfuse.rope.default,
+}
+"""Every dialect op by its short name."""
+
+
+def is_dialect_op(target: object) -> bool:
+    """True if ``target`` (an fx node target) is an fxfuse dialect op."""
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "fxfuse"

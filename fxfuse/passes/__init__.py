@@ -1,0 +1,48 @@
+"""The pass registry: one explicit dict from pass name to pass, and the default pipeline."""
+
+from __future__ import annotations
+
+from fxfuse.passes.canonicalize import canonicalize
+from fxfuse.passes.cse import cse
+from fxfuse.passes.dce import dce
+from fxfuse.passes.fuse_attention import fuse_attention
+from fxfuse.passes.fuse_layer_norm import fuse_layer_norm
+from fxfuse.passes.fuse_rms_norm import fuse_rms_norm
+from fxfuse.passes.manager import NumericsError, Pass, PassFailure, PassManager, PassResult, Rejection
+from fxfuse.passes.remove_dropout import remove_dropout
+
+PASSES: dict[str, Pass] = {
+    "canonicalize": canonicalize,
+    "remove-dropout": remove_dropout,
+    "dce": dce,
+    "cse": cse,
+    "fuse-attention": fuse_attention,
+    "fuse-rms-norm": fuse_rms_norm,
+    "fuse-layer-norm": fuse_layer_norm,
+}
+
+DEFAULT_PIPELINE: list[str] = [
+    "remove-dropout",
+    "canonicalize",
+    "dce",
+    "cse",
+    "fuse-attention",
+    "fuse-rms-norm",
+    "fuse-layer-norm",
+    "dce",
+    "cse",
+]
+
+
+def resolve(names: list[str]) -> list[tuple[str, Pass]]:
+    """The passes for ``names``, in order; unknown names raise with the list of known ones."""
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown pass(es) {unknown}; known passes: {sorted(PASSES)}")
+    return [(n, PASSES[n]) for n in names]
+
+
+__all__ = [
+    "DEFAULT_PIPELINE", "PASSES", "NumericsError", "Pass", "PassFailure", "PassManager",
+    "PassResult", "Rejection", "resolve",
+]

@@ -1,0 +1,160 @@
+"""canonicalize: one spelling for each computation, so fusion patterns match once.
+
+Rewrites, applied until none fires:
+
+* drop ``_assert_tensor_metadata`` checks (export's dtype asserts on ``.to``);
+* drop no-op conversions and copies (``to``/``_to_copy``/``type_as`` to the
+  same dtype and device, ``contiguous``, ``alias``, ``detach``);
+* drop full slices (``x[:, 0:]``) and ``expand`` to the same shape;
+* ``transpose``/``t`` → ``permute``; chains of permutes → one; identity → gone;
+* ``view`` → ``reshape``; ``reshape`` to the same shape → gone;
+* ``div`` by a constant → ``mul`` by its reciprocal.
+
+Dropping copies and turning views into reshapes is only sound in a graph
+without in-place ops, so a graph that mutates keeps those nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from fxfuse.ir.meta import fake_mode_of, fill_attr_vals, same_shape, tensor
+from fxfuse.ir.rewrite import Builder, erase_if_dead
+from fxfuse.passes.manager import PassResult
+
+aten = torch.ops.aten
+Canon = Callable[[fx.Node, Builder], "fx.Node | None"]
+
+
+def _same_value_type(node: fx.Node) -> fx.Node | None:
+    src, out = tensor(node.args[0]), tensor(node)
+    if src is None or out is None:
+        return None
+    if src.dtype == out.dtype and src.device == out.device and same_shape(src, out):
+        return node.args[0]
+    return None
+
+
+def noop_conversion(node: fx.Node, b: Builder) -> fx.Node | None:
+    """A conversion, copy or expand whose result has its input's dtype, device and shape."""
+    return _same_value_type(node)
+
+
+def full_slice(node: fx.Node, b: Builder) -> fx.Node | None:
+    src, out = tensor(node.args[0]), tensor(node)
+    step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+    if src is None or out is None or step != 1:
+        return None
+    return node.args[0] if same_shape(src, out) else None
+
+
+def _permutation(node: fx.Node) -> list[int] | None:
+    """The permutation a transpose/t/permute node applies, dims made non-negative."""
+    src = tensor(node.args[0])
+    if src is None:
+        return None
+    rank = src.dim()
+    if node.target is aten.permute.default:
+        return [d % rank for d in node.args[1]]
+    if node.target is aten.t.default:
+        return list(range(rank))[::-1]
+    a, c = node.args[1] % rank, node.args[2] % rank
+    perm = list(range(rank))
+    perm[a], perm[c] = perm[c], perm[a]
+    return perm
+
+
+def to_permute(node: fx.Node, b: Builder) -> fx.Node | None:
+    perm = _permutation(node)
+    if perm is None:
+        return None
+    source = node.args[0]
+    if isinstance(source, fx.Node) and source.target is aten.permute.default:
+        inner = _permutation(source)
+        perm = [inner[p] for p in perm]
+        source = source.args[0]
+    if perm == list(range(len(perm))):
+        return source
+    if node.target is aten.permute.default and source is node.args[0] and list(node.args[1]) == perm:
+        return None
+    return b.call(aten.permute.default, source, perm)
+
+
+def to_reshape(node: fx.Node, b: Builder) -> fx.Node | None:
+    src, out = tensor(node.args[0]), tensor(node)
+    if src is not None and out is not None and same_shape(src, out):
+        return node.args[0]
+    if node.target is aten.view.default:
+        return b.call(aten.reshape.default, node.args[0], node.args[1])
+    return None
+
+
+def div_by_constant(node: fx.Node, b: Builder) -> fx.Node | None:
+    divisor = node.args[1]
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 0:
+        if tensor(node) is not None and tensor(node).is_floating_point():
+            return b.call(aten.mul.Tensor, node.args[0], 1.0 / divisor)
+    return None
+
+
+_ALIAS_FREE: dict[object, Canon] = {
+    aten.to.dtype: noop_conversion,
+    aten.to.dtype_layout: noop_conversion,
+    aten.to.device: noop_conversion,
+    aten._to_copy.default: noop_conversion,
+    aten.type_as.default: noop_conversion,
+    aten.contiguous.default: noop_conversion,
+    aten.alias.default: noop_conversion,
+    aten.detach.default: noop_conversion,
+    aten.slice.Tensor: full_slice,
+    aten.expand.default: noop_conversion,
+    aten.view.default: to_reshape,
+    aten.reshape.default: to_reshape,
+}
+_ALWAYS: dict[object, Canon] = {
+    aten.transpose.int: to_permute,
+    aten.t.default: to_permute,
+    aten.permute.default: to_permute,
+    aten.div.Tensor: div_by_constant,
+}
+
+
+def _mutates(gm: fx.GraphModule) -> bool:
+    return any(
+        isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    )
+
+
+def canonicalize(gm: fx.GraphModule) -> PassResult:
+    """Rewrite ``gm`` in place into fxfuse's canonical ATen form."""
+    mode = fake_mode_of(gm)
+    fill_attr_vals(gm, mode)
+    table = dict(_ALWAYS) if _mutates(gm) else {**_ALWAYS, **_ALIAS_FREE}
+    result = PassResult(name="canonicalize")
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+            result.rewrites["drop_dtype_assert"] += 1
+    for _ in range(8):
+        fired = False
+        for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False) or node.op != "call_function":
+                continue
+            canon = table.get(node.target)
+            out = canon(node, Builder(gm.graph, mode, node)) if canon else None
+            if out is None or out is node:
+                continue
+            node.replace_all_uses_with(out)
+            erase_if_dead([node])
+            result.rewrites[canon.__name__] += 1
+            fired = True
+        if not fired:
+            break
+    result.changed = sum(result.rewrites.values()) > 0
+    return result
+
