@@ -20,17 +20,21 @@ class OptimizedModule(nn.Module):
     """The optimized model: called exactly like the original, same outputs.
 
     ``graph_module`` is the optimized ``torch.fx.GraphModule`` (fused nodes
-    call ``torch.ops.fxfuse.*``); ``report`` says what was done.
+    call ``torch.ops.fxfuse.*``); ``report`` says what was done;
+    ``fixed_kwargs`` are the non-tensor kwargs the graph was captured with
+    (``use_cache=False`` for Hugging Face decoders), filled in when omitted.
     """
 
     def __init__(self, graph_module: fx.GraphModule, report: Report, fixed_kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.report = report
-        self._fixed_kwargs = fixed_kwargs
+        self.fixed_kwargs = fixed_kwargs
+        # An inference graph (export's module refuses train()/eval() calls).
+        self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        for name, value in self._fixed_kwargs.items():
+        for name, value in self.fixed_kwargs.items():
             if name in kwargs and kwargs[name] != value:
                 raise ValueError(
                     f"this module was optimized with {name}={value!r}; it cannot run with "

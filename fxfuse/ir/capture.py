@@ -100,18 +100,22 @@ def _explain(exc: BaseException, model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def _static_dim_notes(gm: fx.GraphModule, dynamic_shapes: dict[str, Any]) -> list[str]:
+def _static_dim_notes(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Notes for the batch/sequence dims export had to keep static (size 0 or 1 in the example)."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    names = {id(leaf): name for name, value in bound.items() for leaf in pytree.tree_leaves(value)}
+    leaves = pytree.tree_leaves((args, kwargs))
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
     notes = []
-    for node in gm.graph.find_nodes(op="placeholder"):
+    for leaf, node in zip(leaves, placeholders):
         val = node.meta.get("val")
-        spec = dynamic_shapes.get(node.name)
-        if not isinstance(val, torch.Tensor) or not isinstance(spec, dict):
+        if not isinstance(leaf, torch.Tensor) or not isinstance(val, torch.Tensor):
             continue
-        for dim, want in spec.items():
-            if want is Dim.AUTO and isinstance(val.shape[dim], int):
+        for dim in range(min(val.dim(), 2)):
+            if isinstance(val.shape[dim], int) and val.shape[dim] <= 1:
                 notes.append(
-                    f"input {node.name!r} dim {dim} is static (= {val.shape[dim]}): the optimized "
-                    f"module accepts only this size (sizes 0 and 1 always specialize; use an example of 2 or more)"
+                    f"input {names.get(id(leaf), node.name)!r} dim {dim} is static (= {val.shape[dim]}): the "
+                    f"optimized module accepts only this size; give an example of size 2 or more to keep it dynamic"
                 )
     return notes
 
@@ -143,5 +147,5 @@ def capture(
     except Exception as e:
         raise CaptureError(_explain(e, model)) from e
     gm = exported.module()
-    notes = _static_dim_notes(gm, shapes) if dynamic_shapes is None else []
+    notes = _static_dim_notes(gm, model, args, kwargs) if dynamic_shapes is None else []
     return Captured(gm, tuple(args), kwargs, fixed, notes)

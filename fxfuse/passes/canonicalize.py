@@ -83,12 +83,19 @@ def to_permute(node: fx.Node, b: Builder) -> fx.Node | None:
     return b.call(aten.permute.default, source, perm)
 
 
+_RESHAPES = (aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints)
+
+
 def to_reshape(node: fx.Node, b: Builder) -> fx.Node | None:
-    src, out = tensor(node.args[0]), tensor(node)
+    """view → reshape; a reshape of a reshape-like op reshapes its source; no-op reshapes go."""
+    source = node.args[0]
+    while isinstance(source, fx.Node) and source.target in _RESHAPES:
+        source = source.args[0]
+    src, out = tensor(source), tensor(node)
     if src is not None and out is not None and same_shape(src, out):
-        return node.args[0]
-    if node.target is aten.view.default:
-        return b.call(aten.reshape.default, node.args[0], node.args[1])
+        return source
+    if node.target is aten.view.default or source is not node.args[0]:
+        return b.call(aten.reshape.default, source, node.args[1])
     return None
 
 

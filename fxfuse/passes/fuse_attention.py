@@ -95,7 +95,8 @@ def _check_4d(*nodes: fx.Node) -> Reject | None:
 
 def _check_heads(q: fx.Node, k: fx.Node, v: fx.Node) -> Reject | None:
     hq, hk, hv = tensor(q).shape[1], tensor(k).shape[1], tensor(v).shape[1]
-    if not (isinstance(hq, int) and isinstance(hk, int) and hk == hv and hq % hk == 0):
+    grouped = isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0
+    if not size_is(hk, hv) or not (size_is(hq, hk) or grouped):
         return Reject(f"query heads {hq} are not a multiple of key/value heads {hk}/{hv}", q)
     return None
 

@@ -41,7 +41,7 @@ class NoMatch:
 
     reason: str
     node: fx.Node | None = None
-    depth: int = -1
+    depth: float = -1
 
 
 @dataclass
@@ -80,7 +80,7 @@ class _Matcher:
     def __init__(self) -> None:
         self.failure = NoMatch("no attempt")
 
-    def fail(self, reason: str, node: fx.Node | None, depth: int) -> None:
+    def fail(self, reason: str, node: fx.Node | None, depth: float) -> None:
         if depth > self.failure.depth:
             self.failure = NoMatch(reason, node, depth)
 
@@ -141,7 +141,8 @@ class _Matcher:
             return
         if op.one_use and len(value.users) != 1:
             users = ", ".join(u.name for u in value.users)
-            self.fail(f"{value.name} is also used by other nodes ({users}); fusing would compute it twice", value, depth)
+            # The op itself matched, so this says more than a wrong op at the same depth.
+            self.fail(f"{value.name} is also used by other nodes ({users}); fusing would compute it twice", value, depth + 0.5)
             return
         positional, named = _op_arguments(value)
         if len(op.args) > len(positional) or any(k not in named for k in op.kwargs):

@@ -1,0 +1,62 @@
+"""canonicalize, remove-dropout, dce and cse on small graphs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fxfuse.passes import PASSES
+from tests.helpers import captured, count, run_pipeline
+
+aten = torch.ops.aten
+
+
+class Spellings(torch.nn.Module):
+    def forward(self, x):
+        y = x.view(x.shape[0], -1, 4).transpose(1, 2).transpose(1, 2).contiguous()
+        z = (y / 4.0)[:, 0:]
+        return F.dropout(z, 0.1, training=False) + (y / 4.0)
+
+
+def test_canonical_form():
+    x = torch.randn(2, 8)
+    gm = captured(Spellings(), x)
+    run_pipeline(gm, ["remove-dropout", "canonicalize", "dce", "cse", "dce"], x)
+    for gone in (aten.view.default, aten.transpose.int, aten.permute.default, aten.contiguous.default,
+                 aten.div.Tensor, aten.slice.Tensor, aten.dropout.default):
+        assert count(gm, gone) == 0, gone
+    assert count(gm, aten.mul.Tensor) == 1  # the two y / 4.0 became one mul by 0.25
+    (mul,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]
+    assert mul.args[1] == 0.25
+
+
+def test_active_dropout_is_kept():
+    class Drop(torch.nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, training=True)
+
+    gm = captured(Drop(), torch.randn(2, 3))
+    result = PASSES["remove-dropout"](gm)
+    assert not result.changed and count(gm, aten.dropout.default) == 1
+
+
+def test_cse_keeps_random_ops_apart():
+    class Rand(torch.nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, training=True) + F.dropout(x, 0.5, training=True)
+
+    gm = captured(Rand(), torch.randn(2, 3))
+    assert not PASSES["cse"](gm).changed
+    assert count(gm, aten.dropout.default) == 2
+
+
+def test_permute_chain_folds_to_one():
+    class Chain(torch.nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 1, 3).transpose(-1, -2) * 2
+
+    x = torch.randn(2, 3, 4, 5)
+    gm = captured(Chain(), x)
+    run_pipeline(gm, ["canonicalize", "dce"], x)
+    (perm,) = [n for n in gm.graph.nodes if n.target is aten.permute.default]
+    assert list(perm.args[1]) == [0, 2, 3, 1]

@@ -1,0 +1,61 @@
+"""Every zoo architecture: every attention block and norm fused, outputs unchanged, dynamic shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.ir.numerics import compare
+from tests.zoo.models import CASE_IDS, CASES
+
+aten = torch.ops.aten
+UNFUSED = {aten.softmax.int, aten.scaled_dot_product_attention.default, aten.layer_norm.default,
+           aten.rsqrt.default, aten.rms_norm.default}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
+def optimized(request):
+    spec, impl = request.param
+    model = spec.build(impl)
+    opt = fxfuse.optimize(model, example_kwargs=spec.inputs(batch=2, seq=8))
+    return spec, model, opt
+
+
+def test_every_block_is_fused(optimized):
+    spec, _, opt = optimized
+    ops = opt.report.ops
+    assert ops.get("attention", 0) == spec.attention
+    fused_norms = ops.get(spec.norm_op, 0) + ops.get(f"add_{spec.norm_op}", 0)
+    assert fused_norms == spec.norms
+    assert ops.get(f"add_{spec.norm_op}", 0) == spec.residual_norms
+    left = [n.name for n in opt.graph_module.graph.nodes if n.op == "call_function" and n.target in UNFUSED]
+    assert left == [], f"unfused attention/norm nodes remain: {left}"
+    assert opt.report.rejections == []
+
+
+def test_grouped_query_heads_are_not_materialized(optimized):
+    spec, _, opt = optimized
+    for node in opt.graph_module.graph.nodes:
+        if node.target is torch.ops.fxfuse.attention.default:
+            q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+            expected_kv_heads = getattr(spec.config(), "num_key_value_heads", q.shape[1])
+            assert k.shape[1] == expected_kv_heads
+
+
+@pytest.mark.parametrize("batch,seq", [(3, 11), (1, 5)])
+def test_outputs_match_at_other_shapes(optimized, batch, seq):
+    spec, model, opt = optimized
+    inputs = spec.inputs(batch, seq, seed=1)
+    with torch.no_grad():
+        outcome = compare(model(**inputs, **opt.fixed_kwargs), opt(**inputs))
+    assert outcome.ok, outcome.detail
+
+
+def test_output_structure_is_the_models(optimized):
+    spec, model, opt = optimized
+    inputs = spec.inputs(2, 6, seed=2)
+    with torch.no_grad():
+        ref, out = model(**inputs, **opt.fixed_kwargs), opt(**inputs)
+    assert type(out) is type(ref)
+    assert list(out.keys()) == list(ref.keys())
