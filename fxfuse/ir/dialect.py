@@ -59,6 +59,11 @@ def attention(
     _check_gqa(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if causal and mask is not None:
+        # SDPA's math kernel refuses a mask together with is_causal: fold one into the other.
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        causal = False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
@@ -172,6 +177,8 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 @gelu.register_fake
 def _(x, approximate="none"):
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"fxfuse.gelu: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
     return torch.empty_like(x)
 
 

@@ -149,7 +149,7 @@ class _Matcher:
             self.fail(f"{value.name} has fewer arguments than the pattern", value, depth)
             return
         orders = [list(op.args)]
-        if op.commutative:
+        if op.commutative and named.get("alpha", 1) == 1:
             orders.append([op.args[1], op.args[0], *op.args[2:]])
         for args in orders:
             patterns = args + list(op.kwargs.values())
@@ -163,17 +163,21 @@ def match(pattern: Pattern, node: fx.Node) -> Match | NoMatch:
     """Match ``pattern`` rooted at ``node``; the first consistent match wins."""
     matcher = _Matcher()
     for state in matcher.match(pattern, node, _State({}), 0):
-        return Match(node, state.captures, state.nodes)
+        return Match(node, state.captures, list(dict.fromkeys(state.nodes)))
     return matcher.failure
 
 
 def root_targets(pattern: Pattern) -> set[Any]:
-    """The op packets a pattern's root can be (used to pick candidate nodes fast)."""
+    """The op packets a pattern's root can be (used to pick candidate nodes fast).
+
+    Raises ValueError for a pattern whose root may be something other than an
+    op call (a bare ``Var`` among the root alternatives): a rule needs an op root.
+    """
     if isinstance(pattern, Op):
         return {getattr(t, "overloadpacket", t) for t in pattern.targets}
     if isinstance(pattern, Alt):
         return set().union(*(root_targets(p) for p in pattern.options))
-    return set()
+    raise ValueError(f"a rule's pattern must be rooted at an op call, not {pattern!r}")
 
 
 def node_root_key(node: fx.Node) -> Any:

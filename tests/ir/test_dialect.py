@@ -170,12 +170,14 @@ def test_attention_scale(scale):
         assert not torch.allclose(out, ref_attention(q, k, v, scale=1.0), atol=1e-4)
 
 
-@pytest.mark.parametrize("mshape", ["B11K", "B1QK", "11QK", "QK"])
+@pytest.mark.parametrize("mshape", ["B11K", "B1QK", "11QK", "QK", "BHQK"])
 @pytest.mark.parametrize("Hq,Hkv", [(6, 2), (6, 3), (2, 2)])
 def test_attention_float_mask_broadcast(mshape, Hq, Hkv):
     B, Sq, Sk = 2, 7, 5
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 5, seed=3)
-    shape = {"B11K": (B, 1, 1, Sk), "B1QK": (B, 1, Sq, Sk), "11QK": (1, 1, Sq, Sk), "QK": (Sq, Sk)}[mshape]
+    shape = {
+        "B11K": (B, 1, 1, Sk), "B1QK": (B, 1, Sq, Sk), "11QK": (1, 1, Sq, Sk), "QK": (Sq, Sk), "BHQK": (B, Hq, Sq, Sk),
+    }[mshape]
     mask = rand(*shape, seed=9, scale=3.0)
     mask[..., 1] = float("-inf")  # a fully excluded key
     out = ops.attention(q, k, v, mask)
@@ -220,17 +222,14 @@ def test_attention_causal_with_mask(Hq, Hkv, kind):
     torch.testing.assert_close(out, ref_attention(q, k, v, mask, causal=True), **F32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="dialect bug: attention(mask=..., causal=True) raises 'Explicit attn_mask should not be set "
-    "when is_causal=True' from SDPA when Dv != D (the math fallback), although the docstring allows "
-    "both and the fake implementation accepts it",
-)
 @pytest.mark.parametrize("kind", ["float", "bool"])
-def test_attention_causal_with_mask_value_dim_differs(kind):
+@pytest.mark.parametrize("layout", ["value_dim_differs", "noncontiguous_q"])
+def test_attention_causal_with_mask_math_fallback(kind, layout):
     B, Sq, Sk = 1, 3, 5
-    q, k, v = _qkv(B, 2, 2, Sq, Sk, 4, Dv=7, seed=6)
+    Dv = 7 if layout == "value_dim_differs" else 4
+    q, k, v = _qkv(B, 2, 2, Sq, Sk, 4, Dv=Dv, seed=6)
+    if layout == "noncontiguous_q":
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, last-dim stride != 1
     mask = rand(B, 1, Sq, Sk, seed=2) if kind == "float" else _bool_mask((B, 1, Sq, Sk), seed=2)
     out = ops.attention(q, k, v, mask, None, True)
     torch.testing.assert_close(out, ref_attention(q, k, v, mask, causal=True), **F32)
@@ -280,8 +279,6 @@ def test_attention_k_v_heads_differ():
     seed=st.integers(0, 2**16),
 )
 def test_attention_property(B, Hkv, group, Sq, Sk, D, Dv, causal, mask_kind, scale, seed):
-    if causal and mask_kind != "none" and Dv != D:
-        Dv = D  # see test_attention_causal_with_mask_value_dim_differs (xfail)
     Hq = Hkv * group
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, Dv=Dv, seed=seed)
     shape = (B, 1, 1, Sk) if mask_kind.endswith("key") else (B, 1, Sq, Sk)
@@ -504,11 +501,6 @@ def test_gelu_bad_approximate(bad):
     assert repr(bad) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dialect inconsistency: gelu's fake implementation does not validate `approximate`, so a "
-    "bad value traces fine and only fails at run time (gated_mlp_act's fake does validate)",
-)
 def test_gelu_bad_approximate_fake():
     mode = FakeTensorMode()
     with mode, pytest.raises(ValueError, match="approximate"):

@@ -201,6 +201,18 @@ def test_sub_is_not_commutative(g):
     assert "sin" in miss.reason
 
 
+def test_add_with_alpha_is_not_commutative():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.placeholder("y")
+    s = graph.call_function(aten.sin.default, (x,))
+    root = graph.call_function(aten.add.Tensor, (y, s), {"alpha": 2})  # y + 2*sin(x)
+    graph.output(root)
+    assert is_match(match(P.add(Var("y"), P.sin(Var("x")), alpha=2), root))
+    # the pattern means sin(x) + 2*y: it must not match
+    assert isinstance(match(P.add(P.sin(Var("x")), Var("y"), alpha=2), root), NoMatch)
+
+
 def test_commutative_swap_backtracks_over_captures():
     """mul(sin(x), x) against mul(Var a, sin(Var a)): the first order binds a = sin(x) and
     fails; the swapped order must start from fresh captures."""
@@ -457,7 +469,8 @@ def test_root_targets():
     assert root_targets(maybe(P.to(inner, Var()), inner)) == {aten.to, aten.sin}
     # only the root counts, not what it wraps
     assert root_targets(P.exp(P.sin(Var()))) == {aten.exp}
-    assert root_targets(Var()) == set()
+    with pytest.raises(ValueError, match="rooted at an op"):
+        root_targets(Var())
 
 
 def test_node_root_key_agrees_with_root_targets(g):
