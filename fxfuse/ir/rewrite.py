@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -24,6 +25,7 @@ class Builder:
         self.graph = graph
         self.mode = mode
         self.anchor = anchor
+        self.source = anchor
         self.created: list[fx.Node] = []
         self.also: list[tuple[fx.Node, fx.Node]] = []
 
@@ -32,8 +34,8 @@ class Builder:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, tuple(args), dict(kwargs))
         for key in _KEPT_META:
-            if key in self.anchor.meta:
-                node.meta[key] = self.anchor.meta[key]
+            if key in self.source.meta:
+                node.meta[key] = self.source.meta[key]
         self.created.append(node)
         propagate(node, self.mode)
         return node
@@ -53,6 +55,19 @@ class Builder:
                 self.graph.erase_node(node)
         self.created.clear()
 
+    @contextmanager
+    def before(self, node: fx.Node) -> Iterator[None]:
+        """Insert before ``node`` instead of the anchor inside this block.
+
+        A fused op that takes over an earlier node's result (a residual sum)
+        must come before that node's first user.
+        """
+        anchor, self.anchor = self.anchor, node
+        try:
+            yield
+        finally:
+            self.anchor = anchor
+
     def item(self, node: fx.Node, index: int) -> fx.Node:
         """``node[index]`` for an op with several outputs."""
         return self.call(operator.getitem, node, index)
@@ -61,7 +76,7 @@ class Builder:
 def erase_if_dead(nodes: Iterable[fx.Node]) -> int:
     """Erase the given nodes that nothing uses any more (users first); returns how many."""
     erased = 0
-    pending = [n for n in nodes if not getattr(n, "_erased", False)]
+    pending = [n for n in dict.fromkeys(nodes) if not getattr(n, "_erased", False)]
     changed = True
     while changed:
         changed = False

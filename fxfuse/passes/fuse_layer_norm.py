@@ -22,9 +22,10 @@ def layer_norm(m: Match, b: Builder) -> fx.Node | Reject:
     residual = residual_operands(m.x)
     if residual is None:
         return b.call(OPS["layer_norm"], m.x, m.weight, m.bias, float(m.eps))
-    fused = b.call(OPS["add_layer_norm"], *residual, m.weight, m.bias, float(m.eps))
-    b.also_replace(m.x, b.item(fused, 1))
-    return b.item(fused, 0)
+    with b.before(m.x):
+        fused = b.call(OPS["add_layer_norm"], *residual, m.weight, m.bias, float(m.eps))
+        b.also_replace(m.x, b.item(fused, 1))
+        return b.item(fused, 0)
 
 
 fuse_layer_norm = RulePass([layer_norm])

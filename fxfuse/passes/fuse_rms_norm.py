@@ -40,9 +40,10 @@ def _emit(b: Builder, x: fx.Node, weight: fx.Node | None, eps: float) -> fx.Node
     residual = residual_operands(x)
     if residual is None:
         return b.call(OPS["rms_norm"], x, weight, eps)
-    fused = b.call(OPS["add_rms_norm"], *residual, weight, eps)
-    b.also_replace(x, b.item(fused, 1))
-    return b.item(fused, 0)
+    with b.before(x):
+        fused = b.call(OPS["add_rms_norm"], *residual, weight, eps)
+        b.also_replace(x, b.item(fused, 1))
+        return b.item(fused, 0)
 
 
 def _source_dtype_input(m: Match) -> fx.Node | Reject:

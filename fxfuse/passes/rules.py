@@ -128,7 +128,8 @@ class RulePass:
             node.replace_all_uses_with(out)
             for old, new in builder.also:
                 old.replace_all_uses_with(new)
-            erase_if_dead([*m.nodes, *(old for old, _ in builder.also)])
+            captured = [v for v in m.captures.values() if isinstance(v, fx.Node)]
+            erase_if_dead([*m.nodes, *(old for old, _ in builder.also), *captured])
             result.rewrites[r.name] += 1
             return [], True
         return misses, False

@@ -7,7 +7,7 @@ import torch
 
 import fxfuse
 from fxfuse.ir.numerics import compare
-from tests.zoo.models import CASE_IDS, CASES
+from tests.zoo.models import CASE_IDS, CASES, ZOO
 
 aten = torch.ops.aten
 UNFUSED = {aten.softmax.int, aten.scaled_dot_product_attention.default, aten.layer_norm.default,
@@ -59,3 +59,17 @@ def test_output_structure_is_the_models(optimized):
         ref, out = model(**inputs, **opt.fixed_kwargs), opt(**inputs)
     assert type(out) is type(ref)
     assert list(out.keys()) == list(ref.keys())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_half_precision_models_fuse_fully(name, dtype):
+    spec = next(m for m in ZOO if m.name == name)
+    model = spec.build("eager").to(dtype)
+    opt = fxfuse.optimize(model, example_kwargs=spec.inputs(2, 8))
+    assert opt.report.ops.get("attention", 0) == spec.attention
+    assert opt.report.ops.get(f"add_{spec.norm_op}", 0) == spec.residual_norms
+    inputs = spec.inputs(3, 10, seed=3)
+    with torch.no_grad():
+        outcome = compare(model(**inputs, **opt.fixed_kwargs), opt(**inputs))
+    assert outcome.ok, outcome.detail
