@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 import transformers
@@ -89,6 +90,7 @@ def small_llama() -> None:
 
 
 if __name__ == "__main__":
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch's own pytree deprecation noise
     print(f"fxfuse {fxfuse.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print("\n=== all-MiniLM-L6-v2 (real weights) ===")
