@@ -7,6 +7,7 @@ from fxfuse.passes.cse import cse
 from fxfuse.passes.dce import dce
 from fxfuse.passes.fuse_attention import fuse_attention
 from fxfuse.passes.fuse_layer_norm import fuse_layer_norm
+from fxfuse.passes.fuse_mlp import fuse_mlp
 from fxfuse.passes.fuse_rms_norm import fuse_rms_norm
 from fxfuse.passes.manager import NumericsError, Pass, PassFailure, PassManager, PassResult, Rejection
 from fxfuse.passes.remove_dropout import remove_dropout
@@ -19,6 +20,7 @@ PASSES: dict[str, Pass] = {
     "fuse-attention": fuse_attention,
     "fuse-rms-norm": fuse_rms_norm,
     "fuse-layer-norm": fuse_layer_norm,
+    "fuse-mlp": fuse_mlp,
 }
 
 DEFAULT_PIPELINE: list[str] = [
@@ -29,6 +31,7 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-attention",
     "fuse-rms-norm",
     "fuse-layer-norm",
+    "fuse-mlp",
     "dce",
     "cse",
 ]

@@ -28,6 +28,7 @@ class ZooModel:
     norms: int
     norm_op: str  # "layer_norm" or "rms_norm"
     residual_norms: int
+    mlp_op: str  # "gelu" or "gated_mlp_act"; one per layer
     impls: tuple[str, ...] = ("eager", "sdpa")
 
     def build(self, impl: str) -> torch.nn.Module:
@@ -59,6 +60,7 @@ ZOO: list[ZooModel] = [
             intermediate_size=2 * HIDDEN, max_position_embeddings=64,
         ),
         attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=2 * LAYERS,
+        mlp_op="gelu",
     ),
     ZooModel(
         "gpt2",
@@ -68,13 +70,17 @@ ZOO: list[ZooModel] = [
         ),
         # ln_1 of layer 0 reads the embedding sum (token + position of batch 1): a broadcasting add.
         attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=2 * LAYERS,
+        mlp_op="gelu",
     ),
     ZooModel("llama", _decoder(transformers.LlamaConfig, num_key_value_heads=2),
-             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act"),
     ZooModel("mistral", _decoder(transformers.MistralConfig, num_key_value_heads=2),
-             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act"),
     ZooModel("qwen2", _decoder(transformers.Qwen2Config, num_key_value_heads=2),
-             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act"),
 ]
 
 CASES = [(m, impl) for m in ZOO for impl in m.impls]

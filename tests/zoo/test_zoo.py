@@ -1,4 +1,4 @@
-"""Every zoo architecture: every attention block and norm fused, outputs unchanged, dynamic shapes."""
+"""Every zoo architecture: every attention block, norm and MLP activation fused, outputs unchanged, dynamic shapes."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import torch
 
 import fxfuse
 from fxfuse.ir.numerics import compare
-from tests.zoo.models import CASE_IDS, CASES, ZOO
+from tests.zoo.models import CASE_IDS, CASES, LAYERS, ZOO
 
 aten = torch.ops.aten
 UNFUSED = {aten.softmax.int, aten.scaled_dot_product_attention.default, aten.layer_norm.default,
-           aten.rsqrt.default, aten.rms_norm.default}
+           aten.rsqrt.default, aten.rms_norm.default, aten.silu.default, aten.gelu.default}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
@@ -29,8 +29,9 @@ def test_every_block_is_fused(optimized):
     fused_norms = ops.get(spec.norm_op, 0) + ops.get(f"add_{spec.norm_op}", 0)
     assert fused_norms == spec.norms
     assert ops.get(f"add_{spec.norm_op}", 0) == spec.residual_norms
+    assert ops.get(spec.mlp_op, 0) == LAYERS
     left = [n.name for n in opt.graph_module.graph.nodes if n.op == "call_function" and n.target in UNFUSED]
-    assert left == [], f"unfused attention/norm nodes remain: {left}"
+    assert left == [], f"unfused attention/norm/MLP nodes remain: {left}"
     assert opt.report.rejections == []
 
 
