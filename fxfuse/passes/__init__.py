@@ -9,6 +9,7 @@ from fxfuse.passes.fuse_attention import fuse_attention
 from fxfuse.passes.fuse_layer_norm import fuse_layer_norm
 from fxfuse.passes.fuse_mlp import fuse_mlp
 from fxfuse.passes.fuse_rms_norm import fuse_rms_norm
+from fxfuse.passes.fuse_rope import fuse_rope
 from fxfuse.passes.manager import NumericsError, Pass, PassFailure, PassManager, PassResult, Rejection
 from fxfuse.passes.remove_dropout import remove_dropout
 
@@ -21,6 +22,7 @@ PASSES: dict[str, Pass] = {
     "fuse-rms-norm": fuse_rms_norm,
     "fuse-layer-norm": fuse_layer_norm,
     "fuse-mlp": fuse_mlp,
+    "fuse-rope": fuse_rope,
 }
 
 DEFAULT_PIPELINE: list[str] = [
@@ -32,6 +34,7 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-rms-norm",
     "fuse-layer-norm",
     "fuse-mlp",
+    "fuse-rope",
     "dce",
     "cse",
 ]

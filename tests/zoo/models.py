@@ -29,6 +29,7 @@ class ZooModel:
     norm_op: str  # "layer_norm" or "rms_norm"
     residual_norms: int
     mlp_op: str  # "gelu" or "gated_mlp_act"; one per layer
+    rope: int = 0  # fused q/k rotary embeddings
     impls: tuple[str, ...] = ("eager", "sdpa")
 
     def build(self, impl: str) -> torch.nn.Module:
@@ -74,13 +75,13 @@ ZOO: list[ZooModel] = [
     ),
     ZooModel("llama", _decoder(transformers.LlamaConfig, num_key_value_heads=2),
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
-             mlp_op="gated_mlp_act"),
+             mlp_op="gated_mlp_act", rope=LAYERS),
     ZooModel("mistral", _decoder(transformers.MistralConfig, num_key_value_heads=2),
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
-             mlp_op="gated_mlp_act"),
+             mlp_op="gated_mlp_act", rope=LAYERS),
     ZooModel("qwen2", _decoder(transformers.Qwen2Config, num_key_value_heads=2),
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
-             mlp_op="gated_mlp_act"),
+             mlp_op="gated_mlp_act", rope=LAYERS),
 ]
 
 CASES = [(m, impl) for m in ZOO for impl in m.impls]

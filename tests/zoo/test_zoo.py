@@ -1,4 +1,4 @@
-"""Every zoo architecture: every attention block, norm and MLP activation fused, outputs unchanged, dynamic shapes."""
+"""Every zoo architecture: every attention block, norm, MLP activation and rotary embedding fused, outputs unchanged, dynamic shapes."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def test_every_block_is_fused(optimized):
     assert fused_norms == spec.norms
     assert ops.get(f"add_{spec.norm_op}", 0) == spec.residual_norms
     assert ops.get(spec.mlp_op, 0) == LAYERS
+    assert ops.get("rope", 0) == spec.rope
     left = [n.name for n in opt.graph_module.graph.nodes if n.op == "call_function" and n.target in UNFUSED]
     assert left == [], f"unfused attention/norm/MLP nodes remain: {left}"
     assert opt.report.rejections == []
