@@ -10,8 +10,9 @@ Rewrites, applied until none fires:
 * ``view`` → ``reshape``; ``reshape`` to the same shape → gone;
 * ``div`` by a constant → ``mul`` by its reciprocal.
 
-Dropping copies and turning views into reshapes is only sound in a graph
-without in-place ops, so a graph that mutates keeps those nodes.
+Dropping copies and turning views into reshapes is only sound where no
+in-place op writes the memory, so nodes that may alias a mutated tensor
+keep them.
 """
 
 from __future__ import annotations
@@ -129,19 +130,40 @@ _ALWAYS: dict[object, Canon] = {
 }
 
 
-def _mutates(gm: fx.GraphModule) -> bool:
-    return any(
-        isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-    )
+def _may_alias_mutation(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that may share memory with a tensor some in-place op writes.
+
+    Starting from each written argument, follow every edge into or out of an
+    op that can return a view or its own input (the ops this pass drops or
+    rewrites, plus select/as_strided). Dropping a copy or a view is unsafe
+    only on these nodes.
+    """
+    viewish = set(_ALIAS_FREE) | {aten.select.int, aten.as_strided.default, aten.unsqueeze.default,
+                                  aten.squeeze.dim, aten.permute.default, aten.transpose.int, aten.t.default}
+    pending = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            for arg, schema_arg in zip(node.args, target._schema.arguments):
+                if schema_arg.alias_info is not None and schema_arg.alias_info.is_write and isinstance(arg, fx.Node):
+                    pending += [arg, node]
+    tainted: set[fx.Node] = set()
+    while pending:
+        node = pending.pop()
+        if node in tainted:
+            continue
+        tainted.add(node)
+        if node.target in viewish:
+            pending += node.all_input_nodes
+        pending += [u for u in node.users if u.target in viewish]
+    return tainted
 
 
 def canonicalize(gm: fx.GraphModule) -> PassResult:
     """Rewrite ``gm`` in place into fxfuse's canonical ATen form."""
     mode = fake_mode_of(gm)
     fill_attr_vals(gm, mode)
-    table = dict(_ALWAYS) if _mutates(gm) else {**_ALWAYS, **_ALIAS_FREE}
+    aliased = _may_alias_mutation(gm)
     result = PassResult(name="canonicalize")
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
@@ -152,7 +174,7 @@ def canonicalize(gm: fx.GraphModule) -> PassResult:
         for node in list(gm.graph.nodes):
             if getattr(node, "_erased", False) or node.op != "call_function":
                 continue
-            canon = table.get(node.target)
+            canon = _ALWAYS.get(node.target) or (_ALIAS_FREE.get(node.target) if node not in aliased else None)
             out = canon(node, Builder(gm.graph, mode, node)) if canon else None
             if out is None or out is node:
                 continue

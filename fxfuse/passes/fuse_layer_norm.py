@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxfuse.ir.dialect import OPS
 from fxfuse.ir.meta import size_is, tensor
 from fxfuse.ir.rewrite import Builder
-from fxfuse.passes.residual import residual_operands
+from fxfuse.passes.residual import emit_norm
 from fxfuse.passes.rules import Reject, RulePass, rule
 from fxfuse.patterns import Const, Match, P, Var
 
@@ -19,13 +18,7 @@ def layer_norm(m: Match, b: Builder) -> fx.Node | Reject:
     x = tensor(m.x)
     if len(m.shape) != 1 or not size_is(x.shape[-1], m.shape[0]):
         return Reject(f"normalizes over {list(m.shape)}, not the last dim alone")
-    residual = residual_operands(m.x)
-    if residual is None:
-        return b.call(OPS["layer_norm"], m.x, m.weight, m.bias, float(m.eps))
-    with b.before(m.x):
-        fused = b.call(OPS["add_layer_norm"], *residual, m.weight, m.bias, float(m.eps))
-        b.also_replace(m.x, b.item(fused, 1))
-        return b.item(fused, 0)
+    return emit_norm(b, m, m.x, "layer_norm", [m.weight, m.bias], float(m.eps))
 
 
 fuse_layer_norm = RulePass([layer_norm])

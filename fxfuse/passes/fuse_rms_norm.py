@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxfuse.ir.dialect import OPS
 from fxfuse.ir.meta import size_is, tensor
 from fxfuse.ir.rewrite import Builder
-from fxfuse.passes.residual import residual_operands
+from fxfuse.passes.residual import emit_norm
 from fxfuse.passes.rules import Reject, RulePass, rule
 from fxfuse.patterns import Const, Match, P, Var, maybe
 
@@ -34,16 +33,6 @@ def _last_dim_only(m: Match) -> Reject | None:
     if [d % rank for d in m.dims] != [rank - 1]:
         return Reject(f"mean over dims {list(m.dims)}, not the last dim alone", m.normed)
     return None
-
-
-def _emit(b: Builder, x: fx.Node, weight: fx.Node | None, eps: float) -> fx.Node:
-    residual = residual_operands(x)
-    if residual is None:
-        return b.call(OPS["rms_norm"], x, weight, eps)
-    with b.before(x):
-        fused = b.call(OPS["add_rms_norm"], *residual, weight, eps)
-        b.also_replace(x, b.item(fused, 1))
-        return b.item(fused, 0)
 
 
 def _source_dtype_input(m: Match) -> fx.Node | Reject:
@@ -78,14 +67,14 @@ def rms_norm_weighted(m: Match, b: Builder) -> fx.Node | Reject:
     x = _source_dtype_input(m)
     if isinstance(x, Reject):
         return x
-    return _emit(b, x, m.weight, float(m.eps))
+    return emit_norm(b, m, x, "rms_norm", [m.weight], float(m.eps))
 
 
 @rule(PLAIN, looks_like=_looks_like_rms)
 def rms_norm_plain(m: Match, b: Builder) -> fx.Node | Reject:
     if (bad := _last_dim_only(m)) is not None:
         return bad
-    return _emit(b, m.xf, None, float(m.eps))
+    return emit_norm(b, m, m.xf, "rms_norm", [None], float(m.eps))
 
 
 @rule(ATEN_RMS, looks_like=lambda node: True)
@@ -95,7 +84,7 @@ def aten_rms_norm(m: Match, b: Builder) -> fx.Node | Reject:
         return Reject(f"normalizes over {list(m.shape)}, not the last dim alone")
     if m.eps is None:
         return Reject("eps is left to the dtype's default; fxfuse.rms_norm needs it explicit")
-    return _emit(b, m.x, m.weight, float(m.eps))
+    return emit_norm(b, m, m.x, "rms_norm", [m.weight], float(m.eps))
 
 
 fuse_rms_norm = RulePass([rms_norm_weighted, rms_norm_plain, aten_rms_norm])

@@ -60,3 +60,19 @@ def test_permute_chain_folds_to_one():
     run_pipeline(gm, ["canonicalize", "dce"], x)
     (perm,) = [n for n in gm.graph.nodes if n.target is aten.permute.default]
     assert list(perm.args[1]) == [0, 2, 3, 1]
+
+
+def test_views_of_mutated_tensors_are_kept_and_others_dropped():
+    class Mixed(torch.nn.Module):
+        def forward(self, x):
+            buf = torch.zeros_like(x)
+            buf[:, 0:].add_(x)  # writes buf through a full slice: that slice must stay
+            return buf + x[:, 0:] * 2  # a full slice of a tensor nothing writes
+
+    x = torch.randn(2, 3)
+    gm = captured(Mixed(), x)
+    assert count(gm, aten.slice.Tensor) == 4  # x[:, 0:] is a full slice of dim 0, then of dim 1
+    run_pipeline(gm, ["canonicalize", "dce"], x)
+    kept = [n for n in gm.graph.nodes if n.target is aten.slice.Tensor]
+    assert len(kept) == 2
+    assert all(n.args[0].target in (aten.zeros_like.default, aten.slice.Tensor) for n in kept)

@@ -28,7 +28,7 @@ class ZooModel:
     norms: int
     norm_op: str  # "layer_norm" or "rms_norm"
     residual_norms: int
-    mlp_op: str  # "gelu" or "gated_mlp_act"; one per layer
+    mlp_op: str | None  # "gelu" or "gated_mlp_act", one per layer; None for a ReLU MLP
     rope: int = 0  # fused q/k rotary embeddings
     impls: tuple[str, ...] = ("eager", "sdpa")
 
@@ -51,6 +51,11 @@ def _decoder(cls, **extra) -> Callable[[], transformers.PretrainedConfig]:
         num_attention_heads=HEADS, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
         pad_token_id=0, **extra,
     )
+
+
+def _encoder_norms(layers: int = LAYERS) -> dict:
+    """Post-LN encoder: embedding LN plus two residual LNs per layer."""
+    return dict(norms=2 * layers + 1, residual_norms=2 * layers)
 
 
 ZOO: list[ZooModel] = [
@@ -80,6 +85,41 @@ ZOO: list[ZooModel] = [
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
              mlp_op="gated_mlp_act", rope=LAYERS),
     ZooModel("qwen2", _decoder(transformers.Qwen2Config, num_key_value_heads=2),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    ZooModel(
+        "distilbert",
+        lambda: transformers.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS,
+                                              hidden_dim=2 * HIDDEN, max_position_embeddings=64),
+        attention=LAYERS, norm_op="layer_norm", mlp_op="gelu", **_encoder_norms(),
+    ),
+    # Parallel attention/MLP: both LNs of a layer read the same residual stream, one of them fused with the add.
+    ZooModel("gpt_neox", _decoder(transformers.GPTNeoXConfig), attention=LAYERS, norms=2 * LAYERS + 1,
+             norm_op="layer_norm", residual_norms=LAYERS, mlp_op="gelu", rope=LAYERS),
+    # OPT flattens (batch, seq) before the MLP's LN, so only the attention LN of layer 1 reads an add.
+    ZooModel(
+        "opt",
+        lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                       num_attention_heads=HEADS, ffn_dim=2 * HIDDEN, max_position_embeddings=64,
+                                       word_embed_proj_dim=HIDDEN, bos_token_id=0, eos_token_id=0, pad_token_id=1),
+        attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=1, mlp_op=None,
+    ),
+    ZooModel("mixtral", _decoder(transformers.MixtralConfig, num_key_value_heads=2, num_local_experts=4,
+                                 num_experts_per_tok=2),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Qwen3 adds a per-head RMSNorm on q and on k in every layer.
+    ZooModel("qwen3", _decoder(transformers.Qwen3Config, num_key_value_heads=2, head_dim=8),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Phi: one LN per layer feeds attention and MLP in parallel; partial rotary.
+    ZooModel("phi", _decoder(transformers.PhiConfig), attention=LAYERS, norms=LAYERS + 1, norm_op="layer_norm",
+             residual_norms=LAYERS, mlp_op="gelu", rope=LAYERS),
+    ZooModel("phi3", _decoder(transformers.Phi3Config, num_key_value_heads=2),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Gemma: RMSNorm scales by (1 + w), GeGLU MLP.
+    ZooModel("gemma", _decoder(transformers.GemmaConfig, num_key_value_heads=2, head_dim=8),
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
              mlp_op="gated_mlp_act", rope=LAYERS),
 ]

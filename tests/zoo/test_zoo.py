@@ -14,6 +14,11 @@ UNFUSED = {aten.softmax.int, aten.scaled_dot_product_attention.default, aten.lay
            aten.rsqrt.default, aten.rms_norm.default, aten.silu.default, aten.gelu.default}
 
 
+def _is_router_softmax(node) -> bool:
+    """A mixture-of-experts router's softmax (feeding top-k), not attention."""
+    return node.target is aten.softmax.int and all(u.target is not aten.matmul.default for u in node.users)
+
+
 @pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
 def optimized(request):
     spec, impl = request.param
@@ -29,9 +34,11 @@ def test_every_block_is_fused(optimized):
     fused_norms = ops.get(spec.norm_op, 0) + ops.get(f"add_{spec.norm_op}", 0)
     assert fused_norms == spec.norms
     assert ops.get(f"add_{spec.norm_op}", 0) == spec.residual_norms
-    assert ops.get(spec.mlp_op, 0) == LAYERS
+    if spec.mlp_op is not None:
+        assert ops.get(spec.mlp_op, 0) == LAYERS
     assert ops.get("rope", 0) == spec.rope
-    left = [n.name for n in opt.graph_module.graph.nodes if n.op == "call_function" and n.target in UNFUSED]
+    left = [n.name for n in opt.graph_module.graph.nodes
+            if n.op == "call_function" and n.target in UNFUSED and not _is_router_softmax(n)]
     assert left == [], f"unfused attention/norm/MLP nodes remain: {left}"
     assert opt.report.rejections == []
 
