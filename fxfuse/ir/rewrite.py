@@ -59,8 +59,9 @@ class Builder:
     def before(self, node: fx.Node) -> Iterator[None]:
         """Insert before ``node`` instead of the anchor inside this block.
 
-        A fused op that takes over an earlier node's result (a residual sum)
-        must come before that node's first user.
+        For a fused op that must sit elsewhere than the match root: after all
+        its inputs and before the first user of a result it takes over (a
+        residual sum handed on to the rest of the stream).
         """
         anchor, self.anchor = self.anchor, node
         try:

@@ -130,6 +130,10 @@ _ALWAYS: dict[object, Canon] = {
 }
 
 
+_VIEWISH = set(_ALIAS_FREE) | {aten.select.int, aten.as_strided.default, aten.unsqueeze.default,
+                               aten.squeeze.dim, aten.permute.default, aten.transpose.int, aten.t.default}
+
+
 def _may_alias_mutation(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes that may share memory with a tensor some in-place op writes.
 
@@ -138,8 +142,6 @@ def _may_alias_mutation(gm: fx.GraphModule) -> set[fx.Node]:
     rewrites, plus select/as_strided). Dropping a copy or a view is unsafe
     only on these nodes.
     """
-    viewish = set(_ALIAS_FREE) | {aten.select.int, aten.as_strided.default, aten.unsqueeze.default,
-                                  aten.squeeze.dim, aten.permute.default, aten.transpose.int, aten.t.default}
     pending = []
     for node in gm.graph.nodes:
         target = node.target
@@ -153,9 +155,9 @@ def _may_alias_mutation(gm: fx.GraphModule) -> set[fx.Node]:
         if node in tainted:
             continue
         tainted.add(node)
-        if node.target in viewish:
+        if node.target in _VIEWISH:
             pending += node.all_input_nodes
-        pending += [u for u in node.users if u.target in viewish]
+        pending += [u for u in node.users if u.target in _VIEWISH]
     return tainted
 
 

@@ -25,11 +25,10 @@ from fxfuse.passes.rules import Reject, RulePass, rule
 from fxfuse.patterns import Const, Match, P, Var, maybe
 
 aten = torch.ops.aten
-_CASTS = ["to", "_to_copy"]
 
 
 def _cast(inner):
-    return maybe(P.any_of(_CASTS, inner).single_use(), inner)
+    return maybe(P.cast(inner).single_use(), inner)
 
 
 _scores = P.matmul(Var("q"), Var("kT")).single_use()

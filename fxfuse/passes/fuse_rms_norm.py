@@ -17,13 +17,12 @@ from fxfuse.passes.rules import Reject, RulePass, rule
 from fxfuse.patterns import Const, Match, P, Var, maybe
 
 aten = torch.ops.aten
-_CASTS = ["to", "_to_copy"]
 
 _xf = Var("xf")
 _normed = P.mul(
     _xf, P.rsqrt(P.add(P.mean(P.pow(_xf, 2), Const("dims"), True), Const("eps"))).single_use()
 ).bind("normed")
-WEIGHTED = P.mul(Var("weight"), maybe(P.any_of(_CASTS, _normed).bind("cast").single_use(), _normed))
+WEIGHTED = P.mul(Var("weight"), maybe(P.cast(_normed).bind("cast").single_use(), _normed))
 PLAIN = _normed
 ATEN_RMS = P.rms_norm(Var("x"), Var("shape"), Var("weight"), Var("eps"))
 

@@ -102,5 +102,9 @@ class _OpBuilder:
         """A call of any of the named aten ops, with the same argument patterns."""
         return Op(tuple(getattr(torch.ops.aten, n) for n in names), tuple(args), dict(kwargs))
 
+    def cast(self, inner: Any) -> Op:
+        """A dtype/device conversion of ``inner`` (``.to(...)`` in any overload, or ``_to_copy``)."""
+        return self.any_of(["to", "_to_copy"], inner)
+
 
 P = _OpBuilder()
