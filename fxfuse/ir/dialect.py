@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-GELU_APPROXIMATIONS = ("none", "tanh")
+GELU_APPROXIMATIONS = ("none", "tanh", "sigmoid")
+QUICK_GELU_ALPHA = 1.702  # CLIP's quick GELU: x·σ(1.702·x)
 
 
 def _check_gqa(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -45,20 +46,25 @@ def attention(
     mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     causal: bool = False,
+    softcap: Optional[float] = None,
 ) -> Tensor:
-    """softmax(q·kᵀ·scale + mask) · v, per head.
+    """softmax(cap(q·kᵀ·scale) + mask) · v, per head.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv) with Hq a
     multiple of Hkv: query head h reads key/value head h // (Hq // Hkv)
     (grouped-query attention, no materialized repeat). ``mask`` broadcasts to
     (B, Hq, Sq, Sk): a float mask is added to the scores, a boolean mask keeps
     the positions where it is True. ``scale`` defaults to 1/sqrt(D).
-    ``causal`` masks key j > query i (top-left aligned, as in SDPA). The
-    softmax is taken in at least float32. Returns (B, Hq, Sq, Dv) in q's dtype.
+    ``softcap`` c, if given, caps the scaled scores: cap(s) = c·tanh(s/c)
+    (Gemma 2); without it cap is the identity. ``causal`` masks key j > query
+    i (top-left aligned, as in SDPA). The softmax is taken in at least
+    float32. Returns (B, Hq, Sq, Dv) in q's dtype.
     """
     _check_gqa(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if softcap is not None:
+        return _capped_attention(q, k, v, mask, scale, causal, softcap)
     if causal and mask is not None:
         # SDPA's math kernel refuses a mask together with is_causal: fold one into the other.
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
@@ -70,8 +76,24 @@ def attention(
     )
 
 
+def _capped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
+                      causal: bool, softcap: float) -> Tensor:
+    """The soft-capped case, which SDPA cannot express: scores in float32, then softmax."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).to(q.dtype)
+
+
 @attention.register_fake
-def _(q, k, v, mask=None, scale=None, causal=False):
+def _(q, k, v, mask=None, scale=None, causal=False, softcap=None):
     _check_gqa(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
@@ -169,9 +191,12 @@ def _(gate, up, activation):
 
 @torch.library.custom_op("fxfuse::gelu", mutates_args=())
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
-    """GELU: x·Φ(x) ("none", erf form) or 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) ("tanh")."""
+    """GELU: x·Φ(x) ("none", erf form), 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) ("tanh"),
+    or x·σ(1.702·x) ("sigmoid", the quick GELU of CLIP)."""
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"fxfuse.gelu: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    if approximate == "sigmoid":
+        return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
     return F.gelu(x, approximate=approximate)
 
 
@@ -210,8 +235,9 @@ def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> tuple[Tensor, Tensor]:
     """Rotary position embedding applied to q and k; returns (q', k').
 
-    q, k: (B, H, S, D); cos, sin broadcast to (B, H, S, R) with R = cos.shape[-1]
-    ≤ D, even. The first R dims rotate: x' = x·cos + rot(x)·sin, where rot
+    q, k: (..., D) with the head dim last, in any layout ((B, H, S, D) or
+    GPT-J's (B, S, H, D)); cos, sin broadcast against them, with last dim
+    R = cos.shape[-1] ≤ D, even. The first R dims rotate: x' = x·cos + rot(x)·sin, where rot
     pairs dim i with i + R/2 (``rotate_half``: rot(x) = cat(-x[R/2:], x[:R/2]))
     or, if ``interleaved``, dim 2i with 2i+1 (rot(x)[2i] = -x[2i+1],
     rot(x)[2i+1] = x[2i]). Dims R..D pass through unchanged (partial rotary).

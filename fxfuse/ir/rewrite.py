@@ -28,6 +28,7 @@ class Builder:
         self.source = anchor
         self.created: list[fx.Node] = []
         self.also: list[tuple[fx.Node, fx.Node]] = []
+        self.consumed: list[fx.Node] = []
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
         """Insert ``target(*args, **kwargs)`` before the anchor and return its node."""
@@ -47,6 +48,10 @@ class Builder:
         to the rest of the residual stream).
         """
         self.also.append((old, new))
+
+    def consume(self, *nodes: fx.Node) -> None:
+        """Mark nodes the rewrite makes dead beyond the matched ones (erased with their dead inputs)."""
+        self.consumed.extend(nodes)
 
     def discard(self) -> None:
         """Erase every node this builder inserted (for a replacement that was refused)."""
@@ -75,7 +80,7 @@ class Builder:
 
 
 def erase_if_dead(nodes: Iterable[fx.Node]) -> int:
-    """Erase the given nodes that nothing uses any more (users first); returns how many."""
+    """Erase the given nodes that nothing uses any more, and inputs that become dead with them; returns how many."""
     erased = 0
     pending = [n for n in dict.fromkeys(nodes) if not getattr(n, "_erased", False)]
     changed = True
@@ -85,8 +90,10 @@ def erase_if_dead(nodes: Iterable[fx.Node]) -> int:
             # A matched random op (SDPA with dropout_p=0 is tagged random) was proven
             # replaceable by the rule, so only true side effects keep a node alive.
             if not node.users and node.op == "call_function" and not node.is_impure(impure_random=False):
+                inputs = node.all_input_nodes
                 node.graph.erase_node(node)
                 pending.remove(node)
+                pending += [i for i in inputs if i not in pending]
                 erased += 1
                 changed = True
     return erased

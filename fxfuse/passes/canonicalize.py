@@ -2,13 +2,16 @@
 
 Rewrites, applied until none fires:
 
+* in-place ops on a fresh temporary that nothing else reads (``scores.div_(s)``)
+  → their out-of-place form;
 * drop ``_assert_tensor_metadata`` checks (export's dtype asserts on ``.to``);
 * drop no-op conversions and copies (``to``/``_to_copy``/``type_as`` to the
   same dtype and device, ``contiguous``, ``alias``, ``detach``);
 * drop full slices (``x[:, 0:]``) and ``expand`` to the same shape;
 * ``transpose``/``t`` → ``permute``; chains of permutes → one; identity → gone;
 * ``view`` → ``reshape``; ``reshape`` to the same shape → gone;
-* ``div`` by a constant → ``mul`` by its reciprocal.
+* ``div`` by a constant → ``mul`` by its reciprocal; a 0-d tensor computed
+  only from constants (``x / torch.sqrt(torch.tensor(d))``) counts as a constant.
 
 Dropping copies and turning views into reshapes is only sound where no
 in-place op writes the memory, so nodes that may alias a mutated tensor
@@ -22,7 +25,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxfuse.ir.meta import fake_mode_of, fill_attr_vals, same_shape, tensor
+from fxfuse.ir.meta import attr_of, fake_mode_of, fill_attr_vals, same_shape, tensor
 from fxfuse.ir.rewrite import Builder, erase_if_dead
 from fxfuse.passes.manager import PassResult
 
@@ -100,12 +103,101 @@ def to_reshape(node: fx.Node, b: Builder) -> fx.Node | None:
     return None
 
 
+def constant_scalar(node: object, depth: int = 8) -> float | None:
+    """The value of a Python number, or of a 0-d float tensor computed from constants only."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    value = _constant_tensor(node, depth)
+    if value is None or value.dim() != 0 or not value.is_floating_point():
+        return None
+    return float(value.item())
+
+
+def _constant_tensor(node: object, depth: int) -> torch.Tensor | None:
+    """A small tensor whose value is known at optimization time (get_attr constants and ops on them)."""
+    if not isinstance(node, fx.Node) or depth == 0:
+        return None
+    if node.op == "get_attr":
+        value = attr_of(node.graph.owning_module, node.target)
+        return value.detach().clone() if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    out = tensor(node)
+    if out is None or out.numel() != 1:
+        return None
+    values = {}
+    for arg in node.all_input_nodes:
+        values[arg] = _constant_tensor(arg, depth - 1)
+        if values[arg] is None:
+            return None
+    args = fx.node.map_arg(node.args, values.get)
+    kwargs = fx.node.map_arg(node.kwargs, values.get)
+    return node.target(*args, **kwargs)
+
+
 def div_by_constant(node: fx.Node, b: Builder) -> fx.Node | None:
-    divisor = node.args[1]
-    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 0:
-        if tensor(node) is not None and tensor(node).is_floating_point():
-            return b.call(aten.mul.Tensor, node.args[0], 1.0 / divisor)
-    return None
+    divisor = constant_scalar(node.args[1])
+    if divisor is None or divisor == 0 or tensor(node) is None or not tensor(node).is_floating_point():
+        return None
+    out = b.call(aten.mul.Tensor, node.args[0], 1.0 / divisor)
+    if tensor(out).dtype != tensor(node).dtype:
+        b.discard()
+        return None
+    return out
+
+
+def mul_by_constant_tensor(node: fx.Node, b: Builder) -> fx.Node | None:
+    """``x * c`` with ``c`` a 0-d constant tensor → ``x * float(c)``; ``x * 1`` → ``x``."""
+    factor = node.args[1]
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+        same = tensor(node.args[0]) is not None and tensor(node.args[0]).dtype == tensor(node).dtype
+        return node.args[0] if factor == 1 and same and same_shape(tensor(node.args[0]), tensor(node)) else None
+    value = constant_scalar(factor)
+    if value is None or tensor(node) is None or not tensor(node).is_floating_point():
+        return None
+    out = b.call(aten.mul.Tensor, node.args[0], value)
+    if tensor(out).dtype != tensor(node).dtype or not same_shape(tensor(out), tensor(node)):
+        b.discard()
+        return None
+    return out
+
+
+def _out_of_place(target: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def functionalize_inplace(gm: fx.GraphModule, mode) -> int:
+    """``y = op_(x, ...)`` → ``y = op(x, ...)`` where ``x`` is a fresh temporary only ``op_`` reads.
+
+    Then nothing can observe that ``x`` was overwritten, so the out-of-place op
+    computes the same value (checked: same dtype and shape as ``x``).
+    """
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
+            continue
+        functional = _out_of_place(target) if target._schema.is_mutable else None
+        source = node.args[0]
+        if functional is None or not isinstance(source, fx.Node) or len(source.users) != 1:
+            continue
+        if source.op != "call_function" or not isinstance(source.target, torch._ops.OpOverload):
+            continue
+        if any(r.alias_info is not None for r in source.target._schema.returns) or source.target._schema.is_mutable:
+            continue  # a view or an in-place result: writing it writes another tensor too
+        b = Builder(gm.graph, mode, node)
+        out = b.call(functional, *node.args, **node.kwargs)
+        if tensor(out) is None or tensor(out).dtype != tensor(source).dtype or not same_shape(tensor(out), tensor(source)):
+            b.discard()
+            continue
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    return rewritten
 
 
 _ALIAS_FREE: dict[object, Canon] = {
@@ -127,6 +219,7 @@ _ALWAYS: dict[object, Canon] = {
     aten.t.default: to_permute,
     aten.permute.default: to_permute,
     aten.div.Tensor: div_by_constant,
+    aten.mul.Tensor: mul_by_constant_tensor,
 }
 
 
@@ -165,8 +258,10 @@ def canonicalize(gm: fx.GraphModule) -> PassResult:
     """Rewrite ``gm`` in place into fxfuse's canonical ATen form."""
     mode = fake_mode_of(gm)
     fill_attr_vals(gm, mode)
-    aliased = _may_alias_mutation(gm)
     result = PassResult(name="canonicalize")
+    if functionalized := functionalize_inplace(gm, mode):
+        result.rewrites["functionalize_inplace"] = functionalized
+    aliased = _may_alias_mutation(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)

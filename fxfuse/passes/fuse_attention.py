@@ -1,9 +1,27 @@
-"""fuse-attention: softmax(q·kᵀ·s + mask)·v and SDPA calls → fxfuse.attention.
+"""fuse-attention: softmax(q·kᵀ …)·v in its many spellings, and SDPA calls → fxfuse.attention.
 
 Two rules, on the canonical form:
 
-* ``eager_attention``: ``matmul(cast?(softmax(add?(mul?(matmul(q, kᵀ), s), mask))), v)``
-  (the eager attention of BERT, GPT-2, LLaMA-family models, …);
+* ``eager_attention``: ``matmul|bmm(probs, v)`` where ``probs`` is a softmax
+  over the key dim (possibly cast, or reshaped from 4-D to 3-D) of a *score
+  chain* on top of the product q·kᵀ. ``_read_scores`` reads the chain from
+  the softmax down, step by step, in any number and order of:
+
+  - casts to a float type at least as wide (the fp32 upcast of half models);
+  - scales: ``mul`` by a constant (``div`` was canonicalized), also when
+    folded into q or kᵀ;
+  - soft-capping ``c·tanh(s/c)`` (Gemma 2);
+  - additive biases: padding and causal masks, relative position bias (T5),
+    ALiBi (BLOOM), disentangled-attention terms (DeBERTa): any tensor that
+    broadcasts to the scores;
+  - boolean masks: ``where(keep, s, fill)``, ``masked_fill(s, drop, fill)``;
+  - one reshape of 3-D (batch·heads, q, k) scores to 4-D.
+
+  The product is ``matmul(q, kᵀ)`` (4-D) or ``bmm``/``baddbmm`` on 3-D
+  (batch·heads) tensors, which are viewed as 4-D. The bias and mask steps are
+  replayed without the scores into one additive mask, in the model's order,
+  so every kept score gets exactly the model's bias and every masked score
+  the model's fill value.
 * ``sdpa_attention``: an existing ``scaled_dot_product_attention`` call.
 
 In both, the ``repeat_kv`` expansion of grouped-query attention
@@ -14,33 +32,41 @@ the shared key/value heads without copying them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from fxfuse.ir.dialect import OPS
-from fxfuse.ir.meta import same_shape, size_is, tensor
+from fxfuse.ir.meta import size_is, tensor
 from fxfuse.ir.rewrite import Builder
+from fxfuse.passes.canonicalize import constant_scalar
 from fxfuse.passes.rules import Reject, RulePass, rule
-from fxfuse.patterns import Const, Match, P, Var, maybe
+from fxfuse.patterns import Const, Match, P, Var
 
 aten = torch.ops.aten
 
+_CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default)
+_PRODUCTS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default)
+_WHERE = (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
+_MASKED_FILL = (aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+_MAX_CHAIN = 32
 
-def _cast(inner):
-    return maybe(P.cast(inner).single_use(), inner)
-
-
-_scores = P.matmul(Var("q"), Var("kT")).single_use()
-_scaled = maybe(P.mul(_scores, Const("scale", lambda c: isinstance(c, (int, float)))).single_use(), _scores)
-_masked = maybe(P.add(_scaled, Var("mask")).bind("masked").single_use(), _scaled)
-_probs = _cast(P.softmax(_masked, Const("dim"), Var("softmax_dtype")).bind("softmax").single_use())
-EAGER = P.matmul(_probs, Var("v"))
-
+EAGER = P.any_of(["matmul", "bmm"], Var("probs"), Var("v"))
 SDPA = P.scaled_dot_product_attention(
     Var("q"), Var("k"), Var("v"), Var("mask"), Const("dropout_p"), Const("causal"),
     scale=Var("scale"), enable_gqa=Const("enable_gqa"),
 )
+
+
+@dataclass
+class _Step:
+    """One thing the model does to the scores: kind is scale, softcap, bias, keep, drop or heads."""
+
+    kind: str
+    value: Any
+    fill: float = 0.0
 
 
 def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
@@ -71,28 +97,12 @@ def _unrepeat(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node]:
     return (k0, v0) if k_rep == v_rep else (k, v)
 
 
-def _untranspose(kT: fx.Node, b: Builder) -> fx.Node:
-    """k from kᵀ: undo a permute that swapped the last two dims, or add one."""
-    if kT.target is aten.permute.default:
-        perm = list(kT.args[1])
-        rank = len(perm)
-        swapped = perm[: rank - 2] + [perm[rank - 1], perm[rank - 2]]
-        if swapped == list(range(rank)):
-            return kT.args[0]
-        return b.call(aten.permute.default, kT.args[0], swapped)
-    return b.call(aten.permute.default, kT, [0, 1, 3, 2])
-
-
-def _check_4d(*nodes: fx.Node) -> Reject | None:
-    for node in nodes:
+def _check_heads(q: fx.Node, k: fx.Node, v: fx.Node) -> Reject | None:
+    for node in (q, k, v):
         t = tensor(node)
         if t is None or t.dim() != 4:
             shape = None if t is None else tuple(t.shape)
             return Reject(f"{node.name} has shape {shape}; only 4-D (batch, heads, seq, dim) attention is fused", node)
-    return None
-
-
-def _check_heads(q: fx.Node, k: fx.Node, v: fx.Node) -> Reject | None:
     hq, hk, hv = tensor(q).shape[1], tensor(k).shape[1], tensor(v).shape[1]
     grouped = isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0
     if not size_is(hk, hv) or not (size_is(hq, hk) or grouped):
@@ -100,43 +110,318 @@ def _check_heads(q: fx.Node, k: fx.Node, v: fx.Node) -> Reject | None:
     return None
 
 
+def _single_use(node: fx.Node, what: str) -> Reject | None:
+    if len(node.users) != 1:
+        users = ", ".join(u.name for u in node.users)
+        return Reject(f"{what} at {node.name} are also read by {users} (e.g. returned as attention weights)", node)
+    return None
+
+
+def _is_upcast(node: fx.Node) -> bool:
+    src, out = tensor(node.args[0]), tensor(node)
+    return (src is not None and out is not None and src.is_floating_point() and out.is_floating_point()
+            and torch.finfo(out.dtype).bits >= torch.finfo(src.dtype).bits)
+
+
+def _is_unflatten0(node: fx.Node) -> bool:
+    """A reshape of (n, s, t) to (b, h, s, t) with n = b·h."""
+    src, out = tensor(node.args[0]), tensor(node)
+    return (node.target is aten.reshape.default and src is not None and out is not None and src.dim() == 3
+            and out.dim() == 4 and size_is(src.shape[0], out.shape[0] * out.shape[1])
+            and size_is(src.shape[1], out.shape[2]) and size_is(src.shape[2], out.shape[3]))
+
+
+def _is_flatten0(node: fx.Node) -> bool:
+    """A reshape of (b, h, s, t) to (b·h, s, t)."""
+    return node.target is aten.reshape.default and _is_unflatten0_shapes(tensor(node), tensor(node.args[0]))
+
+
+def _is_unflatten0_shapes(flat: torch.Tensor | None, full: torch.Tensor | None) -> bool:
+    return (flat is not None and full is not None and flat.dim() == 3 and full.dim() == 4
+            and size_is(flat.shape[0], full.shape[0] * full.shape[1])
+            and size_is(flat.shape[1], full.shape[2]) and size_is(flat.shape[2], full.shape[3]))
+
+
+def _reaches_product(node: Any) -> bool:
+    """True if ``node`` is the scores: a single-use chain of score steps down to q·kᵀ."""
+    for _ in range(_MAX_CHAIN):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return False
+        if node.target in _PRODUCTS:
+            return True
+        if len(node.users) != 1:
+            return False
+        if node.target is aten.add.Tensor:
+            return _reaches_product(node.args[0]) or _reaches_product(node.args[1])
+        if node.target in _WHERE:
+            node = node.args[1] if isinstance(node.args[1], fx.Node) else node.args[2]
+        elif node.target in (*_CASTS, aten.mul.Tensor, aten.tanh.default, aten.reshape.default, *_MASKED_FILL):
+            node = node.args[0]
+        else:
+            return False
+    return False
+
+
+def _softcap(node: fx.Node) -> tuple[float, fx.Node] | None:
+    """(c, s) if ``node`` is ``tanh(s · (1/c)) · c``."""
+    inner, c = node.args[0], constant_scalar(node.args[1])
+    if c is None or not isinstance(inner, fx.Node) or inner.target is not aten.tanh.default:
+        return None
+    scaled = inner.args[0]
+    if not (isinstance(scaled, fx.Node) and scaled.target is aten.mul.Tensor and len(inner.users) == 1):
+        return None
+    inv = constant_scalar(scaled.args[1])
+    if inv is None or c == 0 or not math.isclose(inv * c, 1.0, rel_tol=1e-6) or len(scaled.users) != 1:
+        return None
+    return c, scaled.args[0]
+
+
+def _read_scores(top: fx.Node) -> tuple[fx.Node, list[_Step]] | Reject:
+    """From the softmax input down to the q·kᵀ product: (product, steps from the top down)."""
+    steps: list[_Step] = []
+    node = top
+    for _ in range(_MAX_CHAIN):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return Reject(f"the scores come from {node}, not from a q·kᵀ product", top)
+        if node.target in _PRODUCTS:
+            return node, steps
+        if (bad := _single_use(node, "the scores")) is not None:
+            return bad
+        target = node.target
+        if target in _CASTS:
+            if not _is_upcast(node):
+                return Reject(f"the scores are cast to a narrower type at {node.name}", node)
+            node = node.args[0]
+        elif target is aten.mul.Tensor:
+            if (capped := _softcap(node)) is not None:
+                steps.append(_Step("softcap", capped[0]))
+                node = capped[1]
+                continue
+            c = constant_scalar(node.args[1])
+            if c is None:
+                return Reject(f"the scores are multiplied by a tensor at {node.name}", node)
+            steps.append(_Step("scale", c))
+            node = node.args[0]
+        elif target is aten.add.Tensor:
+            if node.kwargs.get("alpha", 1) != 1:
+                return Reject(f"the scores are added with alpha={node.kwargs['alpha']} at {node.name}", node)
+            a, b = node.args[:2]
+            if _reaches_product(a):
+                steps.append(_Step("bias", b))
+                node = a
+            elif _reaches_product(b):
+                steps.append(_Step("bias", a))
+                node = b
+            else:
+                return Reject(f"neither operand of {node.name} leads to a q·kᵀ product", node)
+        elif target in _WHERE:
+            cond, x, y = node.args[:3]
+            if _reaches_product(x) and (fill := constant_scalar(y)) is not None:
+                steps.append(_Step("keep", cond, fill))
+                node = x
+            elif _reaches_product(y) and (fill := constant_scalar(x)) is not None:
+                steps.append(_Step("drop", cond, fill))
+                node = y
+            else:
+                return Reject(f"the scores are selected against a non-constant at {node.name}", node)
+        elif target in _MASKED_FILL:
+            fill = constant_scalar(node.args[2])
+            if fill is None:
+                return Reject(f"the scores are masked with a non-constant fill at {node.name}", node)
+            steps.append(_Step("drop", node.args[1], fill))
+            node = node.args[0]
+        elif _is_unflatten0(node):
+            steps.append(_Step("heads", tensor(node).shape[1]))
+            node = node.args[0]
+        else:
+            return Reject(f"the scores go through {target} at {node.name}, which attention does not express", node)
+    return Reject("the score chain is too long", top)
+
+
+class _Lifter:
+    """Views 3-D (batch·heads, s, d) tensors as 4-D (batch, heads, s, d) for a known head count."""
+
+    def __init__(self, b: Builder, heads: int) -> None:
+        self.b, self.heads = b, heads
+
+    def __call__(self, node: fx.Node) -> fx.Node:
+        t = tensor(node)
+        if t is None or t.dim() != 3:
+            return node  # lower ranks broadcast the same way in 3-D and 4-D
+        if node.target is aten.reshape.default and _is_unflatten0_shapes(t, tensor(node.args[0])) \
+                and tensor(node.args[0]).shape[1] == self.heads:
+            return node.args[0]
+        if size_is(t.shape[0], 1):
+            return self.b.call(aten.unsqueeze.default, node, 0)
+        return self.b.call(aten.unflatten.int, node, 0, [-1, self.heads])
+
+
+def _peel_scale(node: fx.Node) -> tuple[fx.Node, float]:
+    """(x, c) for a single-use ``x · c`` with a constant c (the scale folded into q or k), else (node, 1)."""
+    if node.target is aten.mul.Tensor and len(node.users) == 1 and (c := constant_scalar(node.args[1])) is not None:
+        return node.args[0], c
+    return node, 1.0
+
+
+def _untranspose(kT: fx.Node, b: Builder) -> fx.Node:
+    """k from kᵀ: undo a permute that swapped the last two dims, or add one."""
+    rank = tensor(kT).dim()
+    if kT.target is aten.permute.default:
+        perm = list(kT.args[1])
+        swapped = perm[: rank - 2] + [perm[rank - 1], perm[rank - 2]]
+        if swapped == list(range(rank)):
+            return kT.args[0]
+    return b.call(aten.transpose.int, kT, -1, -2)
+
+
+@dataclass
+class _Scores:
+    """What the chain does, replayed: q·kᵀ·scale, capped, plus ``mask``."""
+
+    scale: float
+    softcap: float | None
+    mask: fx.Node | None
+    heads: int | None
+
+
+def _replay(product: fx.Node, steps: list[_Step], scale: float, b: Builder) -> _Scores | Reject:
+    """Fold the steps, from the product up, into a scale, a soft-cap and one additive (or boolean) mask."""
+    mask: fx.Node | None = None
+    softcap: float | None = None
+    heads: int | None = None
+    if product.target is aten.baddbmm.default:
+        beta, alpha = product.kwargs.get("beta", 1), product.kwargs.get("alpha", 1)
+        mask = product.args[0] if beta == 1 else b.call(aten.mul.Tensor, product.args[0], beta)
+        scale *= alpha
+    mask_steps = [s for s in steps if s.kind in ("bias", "keep", "drop")]
+    if mask is None and len(mask_steps) == 1 and mask_steps[0].kind == "keep" and mask_steps[0].fill == -math.inf:
+        mask_steps[0].kind = "keep_bool"  # where(keep, s, -inf) is exactly SDPA's boolean mask
+    for step in reversed(steps):
+        if step.kind == "scale":
+            if softcap is not None:
+                return Reject("the soft-capped scores are scaled again", product)
+            scale *= step.value
+            if mask is not None:
+                mask = b.call(aten.mul.Tensor, mask, step.value)
+        elif step.kind == "softcap":
+            if mask is not None or softcap is not None:
+                return Reject("the scores are soft-capped after a bias, mask or another cap", product)
+            softcap = step.value
+        elif step.kind == "bias":
+            mask = step.value if mask is None else b.call(aten.add.Tensor, mask, step.value)
+        elif step.kind == "keep_bool":
+            mask = step.value
+        elif step.kind == "keep":
+            mask = (b.call(aten.where.Scalar, step.value, 0.0, step.fill) if mask is None
+                    else b.call(aten.where.ScalarOther, step.value, mask, step.fill))
+        elif step.kind == "drop":
+            mask = (b.call(aten.where.Scalar, step.value, step.fill, 0.0) if mask is None
+                    else b.call(aten.where.ScalarSelf, step.value, step.fill, mask))
+        elif step.kind == "heads":
+            if heads is not None:
+                return Reject("the scores are reshaped to 4-D twice", product)
+            heads = step.value
+            if mask is not None:
+                mask = _Lifter(b, heads)(mask)
+    return _Scores(scale, softcap, mask, heads)
+
+
+def _read_probs(probs: fx.Node) -> tuple[fx.Node, int | None] | Reject:
+    """(softmax node, heads of a 4-D → 3-D reshape or None) from the left operand of the output product."""
+    node, heads = probs, None
+    for _ in range(_MAX_CHAIN):
+        if not isinstance(node, fx.Node):
+            return Reject("the left operand of the output product is not a tensor", probs)
+        if node.target is aten.softmax.int:
+            return node, heads
+        if (bad := _single_use(node, "the attention probabilities")) is not None:
+            return bad
+        if node.target in _CASTS:
+            node = node.args[0]
+        elif _is_flatten0(node) and heads is None:
+            heads = tensor(node.args[0]).shape[1]
+            node = node.args[0]
+        else:
+            return Reject(f"the attention probabilities go through {node.target} at {node.name}", node)
+    return Reject("the probability chain is too long", probs)
+
+
 def _is_softmax_fed(node: fx.Node) -> bool:
-    """A matmul whose left operand is (a cast of) a softmax: attention-like."""
+    """A matmul/bmm whose left operand is (a cast or reshape of) a softmax: attention-like."""
     left = node.args[0] if node.args else None
-    while isinstance(left, fx.Node) and left.target in (aten.to.dtype, aten._to_copy.default, aten.dropout.default):
+    for _ in range(4):
+        if not isinstance(left, fx.Node):
+            return False
+        if left.target is aten.softmax.int:
+            return True
+        if left.target not in (*_CASTS, aten.reshape.default, aten.dropout.default):
+            return False
         left = left.args[0]
-    return isinstance(left, fx.Node) and left.target is aten.softmax.int
+    return False
+
+
+def _cast_mask(mask: fx.Node, dtype: torch.dtype, b: Builder) -> fx.Node:
+    """A float mask in the query's dtype, its fill values clamped so they stay finite."""
+    t = tensor(mask)
+    if t.dtype == torch.bool or t.dtype == dtype:
+        return mask
+    if torch.finfo(t.dtype).max > torch.finfo(dtype).max:
+        mask = b.call(aten.clamp_min.default, mask, torch.finfo(dtype).min)
+    return b.call(aten.to.dtype, mask, dtype)
 
 
 @rule(EAGER, looks_like=_is_softmax_fed)
-def eager_attention(m: Match, b: Builder) -> fx.Node | Reject:
-    q, v = m.q, m.v
-    scores = tensor(m.softmax)
-    if m.dim % scores.dim() != scores.dim() - 1:
-        return Reject(f"softmax over dim {m.dim}, not the key dim", m.softmax)
-    if (bad := _check_4d(q, m.kT, v)) is not None:
+def eager_attention(m: Match, b: Builder) -> fx.Node | Reject | None:
+    if not _is_softmax_fed(m.root):
+        return None
+    read = _read_probs(m.probs)
+    if isinstance(read, Reject):
+        return read
+    softmax, probs_heads = read
+    rank = tensor(softmax).dim()
+    if softmax.args[1] % rank != rank - 1:
+        return Reject(f"softmax over dim {softmax.args[1]}, not the key dim", softmax)
+    if (bad := _single_use(softmax, "the attention probabilities")) is not None:
         return bad
-    mask = m.get("mask")
-    if mask is not None:
-        mask_t = tensor(mask)
-        if mask_t is None or mask_t.dim() > 4:
-            return Reject("the score bias is not a tensor of at most 4 dims", m.masked)
-        if not same_shape(tensor(m.masked), scores) or mask_t.dtype != tensor(q).dtype:
-            return Reject(
-                f"the mask {tuple(mask_t.shape)} {mask_t.dtype} does not broadcast into the "
-                f"scores {tuple(scores.shape)} {tensor(q).dtype}", m.masked)
-    k, v = _unrepeat(_untranspose(m.kT, b), v)
+    chain = _read_scores(softmax.args[0])
+    if isinstance(chain, Reject):
+        return chain
+    product, steps = chain
+    q, q_scale = _peel_scale(product.args[-2])
+    kT, k_scale = _peel_scale(product.args[-1])
+    scores = _replay(product, steps, q_scale * k_scale, b)
+    if isinstance(scores, Reject):
+        return scores
+    v = m.v
+    heads = scores.heads or probs_heads
+    if tensor(product).dim() == 3:
+        if scores.heads is not None and probs_heads is not None and scores.heads != probs_heads:
+            return Reject(f"the scores have {scores.heads} heads but the probabilities {probs_heads}", softmax)
+        lift = _Lifter(b, heads or 1)
+        mask = lift(scores.mask) if scores.mask is not None and scores.heads is None else scores.mask
+        q, kT, v = lift(q), lift(_untranspose(kT, b)), lift(v)
+        k = kT
+    else:
+        mask = scores.mask
+        k = _untranspose(kT, b)
+    if tensor(q).dim() != 4 or tensor(m.root).dim() not in (3, 4):
+        return Reject(f"q {tuple(tensor(q).shape)} is not 4-D (batch, heads, seq, dim)", product)
+    k, v = _unrepeat(k, v)
     if (bad := _check_heads(q, k, v)) is not None:
         return bad
-    return b.call(OPS["attention"], q, k, v, mask, float(m.get("scale", 1.0)), False)
+    if mask is not None:
+        mask = _cast_mask(mask, tensor(q).dtype, b)
+    out = b.call(OPS["attention"], q, k, v, mask, float(scores.scale), False, scores.softcap)
+    if tensor(m.root).dim() == 3:
+        out = b.call(aten.flatten.using_ints, out, 0, 1)
+    b.consume(softmax, product)
+    return out
 
 
 @rule(SDPA, looks_like=lambda node: True)
 def sdpa_attention(m: Match, b: Builder) -> fx.Node | Reject:
     if m.dropout_p:
         return Reject(f"attention dropout is active (p={m.dropout_p})")
-    if (bad := _check_4d(m.q, m.k, m.v)) is not None:
-        return bad
     k, v = _unrepeat(m.k, m.v)
     if (bad := _check_heads(m.q, k, v)) is not None:
         return bad

@@ -1,8 +1,9 @@
 """Rules (a pattern plus a plain function) and the pass that applies them.
 
 A rule function receives the ``Match`` and a ``Builder`` positioned at the
-match root. It returns the node that replaces the root, or a ``Reject`` with
-the reason. ``RulePass`` walks the graph from the outputs up (so the largest
+match root. It returns the node that replaces the root, a ``Reject`` with
+the reason, or None when a closer look shows the match is not a candidate
+at all (nothing to report). ``RulePass`` walks the graph from the outputs up (so the largest
 pattern wins over its sub-patterns), applies the first rule that fires at
 each node, erases what became dead, and repeats until nothing changes.
 Rejections, and near misses at nodes a rule's ``looks_like`` flags as
@@ -30,7 +31,7 @@ class Reject:
     node: fx.Node | None = None
 
 
-RuleFn = Callable[[Match, Builder], "fx.Node | Reject"]
+RuleFn = Callable[[Match, Builder], "fx.Node | Reject | None"]
 
 
 @dataclass
@@ -118,6 +119,9 @@ class RulePass:
                 continue
             builder = Builder(gm.graph, mode, node)
             out = r.fn(m, builder)
+            if out is None:
+                builder.discard()
+                continue
             if not isinstance(out, Reject):
                 out = _check_replacements([(node, out), *builder.also]) or out
             if isinstance(out, Reject):
@@ -129,7 +133,7 @@ class RulePass:
             for old, new in builder.also:
                 old.replace_all_uses_with(new)
             captured = [v for v in m.captures.values() if isinstance(v, fx.Node)]
-            erase_if_dead([*m.nodes, *(old for old, _ in builder.also), *captured])
+            erase_if_dead([*m.nodes, *(old for old, _ in builder.also), *captured, *builder.consumed])
             result.rewrites[r.name] += 1
             return [], True
         return misses, False

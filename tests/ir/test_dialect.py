@@ -39,8 +39,8 @@ def rand(*shape, seed=0, dtype=torch.float32, scale=1.0):
 # --------------------------------------------------------------------------
 
 
-def ref_attention(q, k, v, mask=None, scale=None, causal=False):
-    """softmax(q @ k^T * scale + mask) @ v with explicit GQA head repeat, in float64."""
+def ref_attention(q, k, v, mask=None, scale=None, causal=False, softcap=None):
+    """softmax(cap(q @ k^T * scale) + mask) @ v with explicit GQA head repeat, in float64."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -49,6 +49,8 @@ def ref_attention(q, k, v, mask=None, scale=None, causal=False):
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     scores = (q.double() @ kk.transpose(-2, -1)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -89,6 +91,11 @@ def ref_gelu_erf(x):
 def ref_gelu_tanh(x):
     xd = x.double()
     return (0.5 * xd * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (xd + 0.044715 * xd**3)))).to(x.dtype)
+
+
+def ref_quick_gelu(x):
+    xd = x.double()
+    return (xd / (1.0 + torch.exp(-1.702 * xd))).to(x.dtype)
 
 
 def ref_silu(x):
@@ -243,6 +250,19 @@ def test_attention_low_precision(dtype, Dv):
     out = ops.attention(q, k, v, mask)
     assert out.dtype == dtype and out.shape == (2, 6, 7, Dv)
     torch.testing.assert_close(out, ref_attention(q, k, v, mask), **LOW[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_softcap(dtype, causal):
+    q, k, v = _qkv(2, 4, 2, 5, 7, 6, seed=11, dtype=dtype)
+    q = q * 4  # large scores, so the cap bites
+    mask = rand(2, 1, 5, 7, seed=12, dtype=dtype)
+    out = ops.attention(q, k, v, mask, 0.5, causal, 3.0)
+    expected = ref_attention(q, k, v, mask, scale=0.5, causal=causal, softcap=3.0)
+    torch.testing.assert_close(out, expected, **(F32 if dtype == torch.float32 else LOW[dtype]))
+    uncapped = ref_attention(q, k, v, mask, scale=0.5, causal=causal)
+    assert not torch.allclose(out.float(), uncapped.float(), atol=1e-2)
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(5, 2), (4, 3), (2, 4)])
@@ -479,7 +499,7 @@ def test_gated_mlp_act_unknown_activation(bad):
         ops.gated_mlp_act(mode.from_tensor(gate), mode.from_tensor(up), bad)
 
 
-@pytest.mark.parametrize("approximate,ref", [("none", ref_gelu_erf), ("tanh", ref_gelu_tanh)])
+@pytest.mark.parametrize("approximate,ref", [("none", ref_gelu_erf), ("tanh", ref_gelu_tanh), ("sigmoid", ref_quick_gelu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gelu(approximate, ref, dtype):
     x = rand(5, 13, seed=26, dtype=dtype, scale=3.0)

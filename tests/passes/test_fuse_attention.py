@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch.testing import FileCheck
@@ -77,9 +79,9 @@ def test_fused_op_carries_the_scale_and_mask():
     gm = captured(Eager(), *args)
     run_pipeline(gm, PIPELINE, *args)
     (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
-    q, k, v, mask, scale, causal = node.args
+    q, k, v, mask, scale, causal, softcap = node.args
     assert scale == pytest.approx(1 / math.sqrt(8))
-    assert mask.op == "placeholder" and causal is False
+    assert mask.op == "placeholder" and causal is False and softcap is None
 
 
 def test_repeat_kv_is_folded_into_the_op():
@@ -122,7 +124,7 @@ def test_attention_whose_probabilities_are_returned_is_not_fused():
     fuse = next(r for r in results if r.name == "fuse-attention")
     assert not fuse.changed
     (why,) = fuse.rejections
-    assert why.rule == "eager_attention" and "used by other nodes" in why.reason
+    assert why.rule == "eager_attention" and "also read by" in why.reason
 
 
 def test_active_attention_dropout_is_not_fused():
@@ -153,3 +155,230 @@ def test_fused_graph_runs_at_other_shapes():
     other = inputs(b=3, s=9)
     with torch.no_grad():
         assert compare(model(*other), gm(*other)).ok
+
+
+# -- spellings of the score chain ------------------------------------------------------------------------------
+
+
+class Variant(torch.nn.Module):
+    """One attention spelling of many, selected by name; inputs (q, k, v, pad) with pad a (B, Sk) 0/1 tensor."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, pad):
+        d = q.shape[-1]
+        keep = pad[:, None, None, :].bool()  # (B, 1, 1, Sk)
+        kind = self.kind
+        if kind == "masked_fill":  # BERT-style boolean mask, filled with the dtype's min
+            s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+            s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+        elif kind == "where_inf":  # boolean keep mask, -inf fill: SDPA's boolean semantics
+            s = torch.where(keep, (q @ k.transpose(-1, -2)) * d**-0.5, float("-inf"))
+        elif kind == "triu_causal":  # causal mask built from triu, plus padding
+            sq, sk = q.shape[-2], k.shape[-2]
+            future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
+            s = (q @ k.transpose(-1, -2)) * d**-0.5
+            s = s.masked_fill(future, float("-inf")) + (1.0 - pad[:, None, None, :]) * -1e9
+        elif kind == "arange_causal":
+            i = torch.arange(q.shape[-2])[:, None]
+            j = torch.arange(k.shape[-2])[None, :]
+            s = torch.where(j <= i, (q * d**-0.5) @ k.transpose(-1, -2), torch.finfo(q.dtype).min)
+        elif kind == "scale_in_k":  # DeBERTa: the scale divides kᵀ
+            s = q @ (k.transpose(-1, -2) / math.sqrt(d))
+            s = s + (1.0 - pad[:, None, None, :]) * -1e4
+        elif kind == "softcap":  # Gemma 2
+            s = (q @ k.transpose(-1, -2)) * d**-0.5
+            s = torch.tanh(s / 5.0) * 5.0
+            s = s + (1.0 - pad[:, None, None, :]) * -1e4
+        elif kind == "two_biases":  # T5: relative position bias, then the padding mask, no scale
+            pos = torch.arange(k.shape[-2])[None, :] - torch.arange(q.shape[-2])[:, None]
+            s = q @ k.transpose(-1, -2) + pos.float().abs().neg()[None, None] * 0.1
+            s = s + (1.0 - pad[:, None, None, :]) * torch.finfo(q.dtype).min
+        elif kind == "fp32_upcast":  # half-precision models: softmax in fp32, cast back
+            s = ((q @ k.transpose(-1, -2)) * d**-0.5).float() + (1.0 - pad[:, None, None, :]) * -1e4
+        else:
+            raise ValueError(kind)
+        return torch.softmax(s, dim=-1).to(v.dtype) @ v
+
+
+class Bmm3d(torch.nn.Module):
+    """3-D (batch·heads) attention: bmm, or BLOOM's baddbmm with an ALiBi bias and a 4-D view for the mask."""
+
+    def __init__(self, alibi: bool) -> None:
+        super().__init__()
+        self.alibi = alibi
+
+    def forward(self, q, k, v, pad):
+        b, h, s, d = q.shape
+        q3, k3, v3 = (t.reshape(b * h, -1, d) for t in (q, k, v))
+        if self.alibi:
+            slopes = 2.0 ** (-torch.arange(1, h + 1, dtype=q.dtype))
+            bias = (slopes[:, None] * torch.arange(k.shape[2], dtype=q.dtype)[None, :])  # (h, Sk)
+            bias = bias[None].expand(b, h, -1).reshape(b * h, 1, -1)
+            scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), beta=1.0, alpha=d**-0.5)
+            scores = scores.view(b, h, s, -1).masked_fill(~pad[:, None, None, :].bool(), -1e9)
+            probs = torch.softmax(scores, dim=-1).view(b * h, s, -1)
+        else:
+            scores = torch.bmm(q3, k3.transpose(1, 2)) * d**-0.5
+            probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs, v3).view(b, h, s, d)
+
+
+def variant_inputs(b=2, h=4, sq=6, sk=6, d=8, hkv=None, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, sq, d, generator=gen).to(dtype)
+    k, v = (torch.randn(b, hkv or h, sk, d, generator=gen).to(dtype) for _ in range(2))
+    pad = torch.ones(b, sk)
+    pad[-1, -2:] = 0
+    return q, k, v, pad
+
+
+def _capture_variant(model, args):
+    auto = torch.export.Dim.AUTO
+    return capture_any(model, *args, dynamic_shapes={"q": {0: auto, 2: auto}, "k": {0: auto, 2: auto},
+                                                     "v": {0: auto, 2: auto}, "pad": {0: auto, 1: auto}})
+
+
+VARIANTS = ["masked_fill", "where_inf", "triu_causal", "arange_causal", "scale_in_k", "softcap", "two_biases",
+            "fp32_upcast"]
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_every_score_spelling_is_fused(kind):
+    args = variant_inputs()
+    model = Variant(kind)
+    gm = _capture_variant(model, args)
+    run_pipeline(gm, PIPELINE, *args)
+    assert count(gm, ATTN) == 1
+    assert count(gm, aten.softmax.int) + count(gm, aten.matmul.default) + count(gm, aten.tanh.default) == 0
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
+    scale, softcap = node.args[4], node.args[6]
+    expected_scale = 1.0 if kind == "two_biases" else 8**-0.5
+    assert scale == pytest.approx(expected_scale) and softcap == (5.0 if kind == "softcap" else None)
+    other = variant_inputs(b=3, sq=9, sk=9, seed=1)
+    with torch.no_grad():
+        outcome = compare(model(*other), gm(*other))
+    assert outcome.ok, outcome.detail
+
+
+def test_a_lone_minus_inf_keep_mask_stays_boolean():
+    args = variant_inputs()
+    gm = _capture_variant(Variant("where_inf"), args)
+    run_pipeline(gm, PIPELINE, *args)
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
+    assert node.args[3].meta["val"].dtype == torch.bool
+
+
+def test_fully_masked_rows_keep_the_models_values():
+    """A finite fill makes a fully masked row uniform, not NaN; the fused mask must keep that."""
+    args = variant_inputs()
+    model = Variant("masked_fill")
+    gm = _capture_variant(model, args)
+    run_pipeline(gm, PIPELINE, *args)
+    q, k, v, pad = variant_inputs(seed=2)
+    pad[0] = 0
+    with torch.no_grad():
+        ref, out = model(q, k, v, pad), gm(q, k, v, pad)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["bmm", "baddbmm_alibi"])
+def test_three_dimensional_attention_is_fused(alibi):
+    args = variant_inputs()
+    model = Bmm3d(alibi)
+    gm = _capture_variant(model, args)
+    run_pipeline(gm, PIPELINE, *args)
+    assert count(gm, ATTN) == 1
+    assert count(gm, aten.bmm.default) + count(gm, aten.baddbmm.default) + count(gm, aten.softmax.int) == 0
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
+    q = node.args[0].meta["val"]
+    assert q.dim() == 4 and q.shape[1] == (4 if alibi else 1)  # the 4-D view gives the heads; plain bmm has none
+    other = variant_inputs(b=3, sq=7, sk=7, seed=3)
+    with torch.no_grad():
+        outcome = compare(model(*other), gm(*other))
+    assert outcome.ok, outcome.detail
+
+
+@pytest.mark.parametrize("d", [12, 80])
+def test_cross_attention_and_odd_head_dims(d):
+    """Queries and keys of different lengths (cross-attention), head dims that are not powers of two."""
+    args = variant_inputs(sq=5, sk=7, d=d)
+    model = Variant("masked_fill")
+    gm = _capture_variant(model, args)
+    run_pipeline(gm, PIPELINE, *args)
+    assert count(gm, ATTN) == 1
+    other = variant_inputs(b=1, sq=3, sk=10, d=d, seed=4)
+    with torch.no_grad():
+        outcome = compare(model(*other), gm(*other))
+    assert outcome.ok, outcome.detail
+
+
+def test_scores_scaled_by_a_tensor_are_rejected_with_the_reason():
+    class TensorScale(torch.nn.Module):
+        def forward(self, q, k, v, temperature):
+            return torch.softmax((q @ k.transpose(-1, -2)) * temperature, dim=-1) @ v
+
+    q, k, v, _ = variant_inputs()
+    temperature = torch.rand(1, 4, 1, 1)
+    gm = capture_any(TensorScale(), q, k, v, temperature)
+    result = PASSES["fuse-attention"](gm)
+    assert count(gm, ATTN) == 0 and not result.changed
+    (why,) = result.rejections
+    assert why.rule == "eager_attention" and "multiplied by a tensor" in why.reason
+
+
+def test_softcap_after_the_mask_is_rejected():
+    """cap(s + mask) is not cap(s) + mask: the op cannot express it, so it must not fuse."""
+    class CapAfterMask(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            s = q @ k.transpose(-1, -2) + bias
+            return torch.softmax(torch.tanh(s / 5.0) * 5.0, dim=-1) @ v
+
+    q, k, v, _ = variant_inputs()
+    bias = torch.randn(2, 1, 6, 6)
+    gm = capture_any(CapAfterMask(), q, k, v, bias)
+    results = run_pipeline(gm, PIPELINE, q, k, v, bias)
+    assert count(gm, ATTN) == 0
+    (why,) = next(r for r in results if r.name == "fuse-attention").rejections
+    assert "soft-capped after a bias" in why.reason
+
+
+class Generic(torch.nn.Module):
+    """Eager GQA attention with a chosen mask form; the property test's subject."""
+
+    def __init__(self, groups: int, mask_kind: str) -> None:
+        super().__init__()
+        self.groups, self.mask_kind = groups, mask_kind
+
+    def forward(self, q, k, v, pad):
+        k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+        s = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+        if self.mask_kind == "float":
+            s = s + (1.0 - pad[:, None, None, :].to(s.dtype)) * torch.finfo(s.dtype).min
+        elif self.mask_kind == "bool":
+            s = s.masked_fill(pad[:, None, None, :] == 0, float("-inf"))
+        probs = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv_heads=st.integers(1, 3), groups=st.sampled_from([1, 2, 3]), sq=st.integers(2, 7), sk=st.integers(2, 7),
+    d=st.sampled_from([4, 6, 16]), mask_kind=st.sampled_from(["none", "float", "bool"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_property_any_gqa_shape_mask_and_dtype_fuses_and_keeps_numerics(kv_heads, groups, sq, sk, d, mask_kind, dtype):
+    q, k, v, pad = variant_inputs(b=2, h=kv_heads * groups, hkv=kv_heads, sq=sq, sk=sk, d=d, dtype=dtype)
+    model = Generic(groups, mask_kind)
+    gm = _capture_variant(model, (q, k, v, pad))
+    run_pipeline(gm, PIPELINE, q, k, v, pad)
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
+    assert node.args[1].meta["val"].shape[1] == kv_heads  # no materialized repeat
+    assert not any(r.changed for r in run_pipeline(gm, PIPELINE, q, k, v, pad))
+    other = variant_inputs(b=3, h=kv_heads * groups, hkv=kv_heads, sq=sq + 2, sk=sk + 1, d=d, dtype=dtype, seed=5)
+    with torch.no_grad():
+        outcome = compare(model(*other), gm(*other))
+    assert outcome.ok, outcome.detail

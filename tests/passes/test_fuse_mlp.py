@@ -52,14 +52,30 @@ class ErfGELU(torch.nn.Module):
         return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-@pytest.mark.parametrize("module,approximate", [(NewGELU(), "tanh"), (ErfGELU(), "none")])
+class BloomGELU(torch.nn.Module):
+    """BLOOM's tanh GELU: another association, a rounded constant."""
+
+    def forward(self, x):
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class QuickGELU(torch.nn.Module):
+    """CLIP's activation."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+@pytest.mark.parametrize("module,approximate", [(NewGELU(), "tanh"), (ErfGELU(), "none"), (BloomGELU(), "tanh"),
+                                                (QuickGELU(), "sigmoid")])
 def test_hand_written_gelu_is_fused(module, approximate):
     x = torch.randn(3, 7) * 3
     gm = captured(module, x)
     run_pipeline(gm, PIPELINE, x)
     (node,) = [n for n in gm.graph.nodes if n.target is ops.gelu.default]
     assert node.args[1] == approximate
-    assert count(gm, aten.tanh.default) + count(gm, aten.erf.default) + count(gm, aten.mul.Tensor) == 0
+    assert count(gm, aten.tanh.default) + count(gm, aten.erf.default) + count(gm, aten.sigmoid.default) == 0
+    assert count(gm, aten.mul.Tensor) == 0
     FileCheck().check("fxfuse.gelu.default").run(gm.code)
 
 
@@ -72,6 +88,17 @@ def test_a_wrong_constant_is_not_taken_for_gelu():
     gm = captured(Almost(), x)
     run_pipeline(gm, PIPELINE, x)
     assert count(gm, ops.gelu.default) == 0 and count(gm, aten.tanh.default) == 1
+
+
+def test_other_activations_are_not_taken_for_gelu():
+    class Silu(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x) + 0.5 * x * (1.0 + torch.erf(x))  # sigmoid-SiLU plus an unscaled erf
+
+    x = torch.randn(3, 7)
+    gm = captured(Silu(), x)
+    run_pipeline(gm, PIPELINE, x)
+    assert count(gm, ops.gelu.default) == 0
 
 
 def test_activation_used_twice_is_not_fused_into_the_gate():

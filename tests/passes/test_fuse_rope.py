@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fxfuse.passes import PASSES
@@ -17,20 +18,26 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotate_pairs(x):
+    """GPT-J's rotate_every_two."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
 class Rope(torch.nn.Module):
-    def __init__(self, rotate_k: bool = True, rot_dim: int | None = None) -> None:
+    def __init__(self, rotate_k: bool = True, rot_dim: int | None = None, interleaved: bool = False) -> None:
         super().__init__()
         self.rotate_k, self.rot_dim = rotate_k, rot_dim
+        self.rot = rotate_pairs if interleaved else rotate_half
+
+    def rotate(self, x, cos, sin):
+        if self.rot_dim is None:
+            return x * cos + self.rot(x) * sin
+        r = self.rot_dim  # partial rotary, as GPT-NeoX/Phi/GPT-J spell it
+        return torch.cat((x[..., :r] * cos + self.rot(x[..., :r]) * sin, x[..., r:]), -1)
 
     def forward(self, q, k, cos, sin):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        if self.rot_dim is not None:  # partial rotary, as GPT-NeoX/Phi spell it
-            r = self.rot_dim
-            q_rot = q[..., :r] * cos + rotate_half(q[..., :r]) * sin
-            return torch.cat((q_rot, q[..., r:]), -1), k
-        q2 = q * cos + rotate_half(q) * sin
-        k2 = k * cos + rotate_half(k) * sin if self.rotate_k else k
-        return q2, k2
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin) if self.rotate_k else k
 
 
 def inputs(rot_dim=8, b=2, s=5):
@@ -50,7 +57,7 @@ def test_q_and_k_rotations_become_one_op():
     args = inputs()
     gm = captured(Rope(), *args)
     results = run_pipeline(gm, PIPELINE, *args)
-    assert next(r for r in results if r.name == "fuse-rope").rewrites["rotate_half_pair"] == 1
+    assert next(r for r in results if r.name == "fuse-rope").rewrites["rotary_pair"] == 1
     assert count(gm, ops.rope.default) == 1
     assert count(gm, aten.cat.default) == 0 and count(gm, aten.neg.default) == 0
     (node,) = [n for n in gm.graph.nodes if n.target is ops.rope.default]
@@ -65,11 +72,30 @@ def test_a_lone_rotation_is_left_with_a_reason():
     assert "one tensor alone" in result.rejections[0].reason
 
 
-def test_partial_rotary_is_not_taken_for_full_rotary():
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+@pytest.mark.parametrize("rot_dim", [None, 4], ids=["full", "partial"])
+def test_every_spelling_becomes_one_op_on_the_whole_tensors(interleaved, rot_dim):
+    args = inputs(rot_dim=rot_dim or 8)
+    model = Rope(rot_dim=rot_dim, interleaved=interleaved)
+    gm = captured(model, *args)
+    run_pipeline(gm, PIPELINE, *args)
+    (node,) = [n for n in gm.graph.nodes if n.target is ops.rope.default]
+    assert [a.name for a in node.args[:2]] == ["q", "k"] and node.args[4] is interleaved
+    assert count(gm, aten.cat.default) + count(gm, aten.stack.default) + count(gm, aten.slice.Tensor) == 0
+    other = inputs(rot_dim=rot_dim or 8, b=3, s=9)
+    for got, want in zip(gm(*other), model(*other)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_partial_rotation_is_not_taken_for_a_full_one():
+    """The halves of the rotated slice are not the halves of the whole head dim."""
     args = inputs(rot_dim=4)
     gm = captured(Rope(rot_dim=4), *args)
-    run_pipeline(gm, PIPELINE, *args)
-    assert count(gm, ops.rope.default) == 0
+    run_pipeline(gm, ["canonicalize", "dce", "cse"], *args)
+    result = PASSES["fuse-rope"](gm)
+    (node,) = [n for n in gm.graph.nodes if n.target is ops.rope.default]
+    assert node.meta["val"][0].shape[-1] == 8 and result.rewrites["partial_rotary_pair"] == 1
+    assert result.rewrites["rotary_pair"] == 0
 
 
 def test_fused_rope_runs_at_other_shapes():

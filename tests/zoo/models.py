@@ -16,6 +16,9 @@ LAYERS = 2
 HIDDEN = 32
 HEADS = 4
 VOCAB = 128
+IMAGE = 32  # image side, in pixels (4×4 patches of 8)
+MELS = 16
+AUDIO_POSITIONS = 16  # Whisper's encoder takes exactly twice this many frames
 
 
 @dataclass(frozen=True)
@@ -31,14 +34,28 @@ class ZooModel:
     mlp_op: str | None  # "gelu" or "gated_mlp_act", one per layer; None for a ReLU MLP
     rope: int = 0  # fused q/k rotary embeddings
     impls: tuple[str, ...] = ("eager", "sdpa")
+    part: str | None = None  # "encoder": test the encoder of an encoder-decoder model
+    modality: str = "text"  # "text" (token ids + padding mask), "image" or "audio"
+    extra_mlp_ops: int = 0  # activations outside the layers' MLPs (e.g. after a convolution stem)
+    kv_heads: int | None = None  # key/value heads, where the config does not say num_key_value_heads
 
     def build(self, impl: str) -> torch.nn.Module:
         torch.manual_seed(0)
-        return transformers.AutoModel.from_config(self.config(), attn_implementation=impl).eval()
+        model = transformers.AutoModel.from_config(self.config(), attn_implementation=impl)
+        if self.part == "encoder":
+            model = model.get_encoder()
+        return model.eval()
 
     def inputs(self, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Token ids and a padding mask (the last row padded) of the given size."""
+        """Inputs of the given batch size; text inputs also take ``seq`` (images and audio have a fixed size).
+
+        Text: token ids and a padding mask with the last row padded.
+        """
         gen = torch.Generator().manual_seed(seed)
+        if self.modality == "image":
+            return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)}
+        if self.modality == "audio":
+            return {"input_features": torch.randn(batch, MELS, 2 * AUDIO_POSITIONS, generator=gen)}
         ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
         mask = torch.ones(batch, seq, dtype=torch.long)
         mask[-1, seq - 2:] = 0
@@ -81,7 +98,8 @@ ZOO: list[ZooModel] = [
     ZooModel("llama", _decoder(transformers.LlamaConfig, num_key_value_heads=2),
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
              mlp_op="gated_mlp_act", rope=LAYERS),
-    ZooModel("mistral", _decoder(transformers.MistralConfig, num_key_value_heads=2),
+    # Mistral with a sliding window shorter than the test sequences: the window lives in the mask.
+    ZooModel("mistral", _decoder(transformers.MistralConfig, num_key_value_heads=2, sliding_window=4),
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
              mlp_op="gated_mlp_act", rope=LAYERS),
     ZooModel("qwen2", _decoder(transformers.Qwen2Config, num_key_value_heads=2),
@@ -122,6 +140,80 @@ ZOO: list[ZooModel] = [
     ZooModel("gemma", _decoder(transformers.GemmaConfig, num_key_value_heads=2, head_dim=8),
              attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
              mlp_op="gated_mlp_act", rope=LAYERS),
+]
+
+
+def _seq2seq(cls, **extra) -> Callable[[], transformers.PretrainedConfig]:
+    return lambda: cls(
+        d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS, encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, **extra,
+    )
+
+
+def _vision(cls, **extra) -> Callable[[], transformers.PretrainedConfig]:
+    return lambda: cls(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                       intermediate_size=2 * HIDDEN, image_size=IMAGE, patch_size=8, **extra)
+
+
+_TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+ZOO += [
+    # T5: RMSNorm without mean-centering, unscaled attention plus a relative position bias, ReLU MLP.
+    ZooModel("t5", lambda: transformers.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=2 * HIDDEN,
+                                                 num_layers=LAYERS, num_heads=HEADS, **_TOKENS),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS, mlp_op=None,
+             part="encoder"),
+    # BART's embedding LN reads token + position embeddings of the full (batch, seq) shape: fused with that add too.
+    ZooModel("bart", _seq2seq(transformers.BartConfig, vocab_size=VOCAB, max_position_embeddings=64, **_TOKENS),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=2 * LAYERS + 1,
+             mlp_op="gelu", part="encoder"),
+    # Whisper's encoder: two convolutions with GELU before the pre-LN layers, a final LN.
+    ZooModel("whisper", _seq2seq(transformers.WhisperConfig, vocab_size=VOCAB, num_mel_bins=MELS,
+                                 max_source_positions=AUDIO_POSITIONS, max_target_positions=AUDIO_POSITIONS,
+                                 decoder_start_token_id=0, **_TOKENS),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=2 * LAYERS,
+             mlp_op="gelu", part="encoder", modality="audio", extra_mlp_ops=2),
+    ZooModel("vit", _vision(transformers.ViTConfig), attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm",
+             residual_norms=2 * LAYERS, mlp_op="gelu", modality="image"),
+    # CLIP: quick GELU x·σ(1.702x); the vision tower has a pre-LN and a post-LN on the pooled token.
+    ZooModel("clip_text", lambda: transformers.CLIPTextConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=2 * HIDDEN, max_position_embeddings=64, **_TOKENS),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=2 * LAYERS, mlp_op="gelu"),
+    ZooModel("clip_vision", _vision(transformers.CLIPVisionConfig), attention=LAYERS, norms=2 * LAYERS + 2,
+             norm_op="layer_norm", residual_norms=2 * LAYERS - 1, mlp_op="gelu", modality="image"),
+]
+
+ZOO += [
+    # Gemma 2: attention logits soft-capped with tanh; pre- and post-norms around attention and MLP.
+    ZooModel("gemma2", _decoder(transformers.Gemma2Config, num_key_value_heads=2, head_dim=8),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS, impls=("eager",)),
+    # Falcon: parallel attention/MLP reading one LN, multi-query attention, in-place score scaling.
+    ZooModel("falcon", lambda: transformers.FalconConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                bos_token_id=0, eos_token_id=0),
+             attention=LAYERS, norms=LAYERS + 1, norm_op="layer_norm", residual_norms=LAYERS, mlp_op="gelu",
+             rope=LAYERS, kv_heads=1),
+    # BLOOM: ALiBi position bias through baddbmm on 3-D (batch·heads) tensors, tanh GELU by hand.
+    ZooModel("bloom", lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS,
+                                                       n_head=HEADS, bos_token_id=0, eos_token_id=0),
+             attention=LAYERS, norms=2 * LAYERS + 2, norm_op="layer_norm", residual_norms=2 * LAYERS,
+             mlp_op="gelu", impls=("eager",)),
+    # GPT-J: parallel attention/MLP, interleaved partial rotary (rotary_dim < head_dim).
+    ZooModel("gptj", lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                                     n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0),
+             attention=LAYERS, norms=LAYERS + 1, norm_op="layer_norm", residual_norms=LAYERS, mlp_op="gelu",
+             rope=LAYERS, impls=("eager",)),
+    # DeBERTa-v2 (v3 settings): disentangled attention (content-to-position and position-to-content bias terms),
+    # scale folded into k; a LayerNorm on the relative position embeddings.
+    ZooModel("deberta-v2", lambda: transformers.DebertaV2Config(
+                vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=2 * HIDDEN, max_position_embeddings=64, relative_attention=True,
+                pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=64, norm_rel_ebd="layer_norm",
+                share_att_key=True, position_biased_input=False),
+             attention=LAYERS, norms=2 * LAYERS + 2, norm_op="layer_norm", residual_norms=2 * LAYERS, mlp_op="gelu",
+             impls=("eager",)),
 ]
 
 CASES = [(m, impl) for m in ZOO for impl in m.impls]

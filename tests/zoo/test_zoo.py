@@ -7,6 +7,7 @@ import torch
 
 import fxfuse
 from fxfuse.ir.numerics import compare
+from fxfuse.passes import DEFAULT_PIPELINE, PassManager, resolve
 from tests.zoo.models import CASE_IDS, CASES, LAYERS, ZOO
 
 aten = torch.ops.aten
@@ -35,7 +36,7 @@ def test_every_block_is_fused(optimized):
     assert fused_norms == spec.norms
     assert ops.get(f"add_{spec.norm_op}", 0) == spec.residual_norms
     if spec.mlp_op is not None:
-        assert ops.get(spec.mlp_op, 0) == LAYERS
+        assert ops.get(spec.mlp_op, 0) == LAYERS + spec.extra_mlp_ops
     assert ops.get("rope", 0) == spec.rope
     left = [n.name for n in opt.graph_module.graph.nodes
             if n.op == "call_function" and n.target in UNFUSED and not _is_router_softmax(n)]
@@ -48,8 +49,17 @@ def test_grouped_query_heads_are_not_materialized(optimized):
     for node in opt.graph_module.graph.nodes:
         if node.target is torch.ops.fxfuse.attention.default:
             q, k = node.args[0].meta["val"], node.args[1].meta["val"]
-            expected_kv_heads = getattr(spec.config(), "num_key_value_heads", q.shape[1])
+            expected_kv_heads = spec.kv_heads or getattr(spec.config(), "num_key_value_heads", q.shape[1])
             assert k.shape[1] == expected_kv_heads
+
+
+def test_a_second_pipeline_run_changes_nothing(optimized):
+    spec, _, opt = optimized
+    inputs = {**spec.inputs(2, 8), **opt.fixed_kwargs}
+    with torch.no_grad():
+        reference = opt.graph_module(**inputs)
+    again = PassManager(resolve(DEFAULT_PIPELINE)).run(opt.graph_module, ((), inputs), reference)
+    assert [r.name for r in again if r.changed] == []
 
 
 @pytest.mark.parametrize("batch,seq", [(3, 11), (1, 5)])
