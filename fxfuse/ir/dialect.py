@@ -58,7 +58,8 @@ def attention(
     ``softcap`` c, if given, caps the scaled scores: cap(s) = c·tanh(s/c)
     (Gemma 2); without it cap is the identity. ``causal`` masks key j > query
     i (top-left aligned, as in SDPA). The softmax is taken in at least
-    float32. Returns (B, Hq, Sq, Dv) in q's dtype.
+    float32. A query row whose every score is -inf gives zeros, as SDPA
+    does (eager softmax gives NaN there). Returns (B, Hq, Sq, Dv) in q's dtype.
     """
     _check_gqa(q, k, v)
     if scale is None:
@@ -88,7 +89,8 @@ def _capped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], s
     if causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0).to(v.dtype)
     return torch.matmul(probs, v).to(q.dtype)
 
 

@@ -11,6 +11,7 @@ from fxfuse.passes.fuse_mlp import fuse_mlp
 from fxfuse.passes.fuse_rms_norm import fuse_rms_norm
 from fxfuse.passes.fuse_rope import fuse_rope
 from fxfuse.passes.manager import NumericsError, Pass, PassFailure, PassManager, PassResult, Rejection
+from fxfuse.passes.merge_projections import merge_projections
 from fxfuse.passes.remove_dropout import remove_dropout
 
 PASSES: dict[str, Pass] = {
@@ -18,6 +19,7 @@ PASSES: dict[str, Pass] = {
     "remove-dropout": remove_dropout,
     "dce": dce,
     "cse": cse,
+    "merge-projections": merge_projections,
     "fuse-attention": fuse_attention,
     "fuse-rms-norm": fuse_rms_norm,
     "fuse-layer-norm": fuse_layer_norm,
@@ -30,11 +32,13 @@ DEFAULT_PIPELINE: list[str] = [
     "canonicalize",
     "dce",
     "cse",
+    "merge-projections",
     "fuse-attention",
     "fuse-rms-norm",
     "fuse-layer-norm",
     "fuse-mlp",
     "fuse-rope",
+    "canonicalize",  # fused ops leave view pairs (a 3-D attention's flatten, then the model's reshape)
     "dce",
     "cse",
 ]

@@ -264,14 +264,16 @@ def _peel_scale(node: fx.Node) -> tuple[fx.Node, float]:
 
 
 def _untranspose(kT: fx.Node, b: Builder) -> fx.Node:
-    """k from kᵀ: undo a permute that swapped the last two dims, or add one."""
+    """k from kᵀ: swap the last two dims back, folded into kᵀ's own permute if it has one (canonical form)."""
     rank = tensor(kT).dim()
+    swap = [*range(rank - 2), rank - 1, rank - 2]
+    source, perm = kT, swap
     if kT.target is aten.permute.default:
-        perm = list(kT.args[1])
-        swapped = perm[: rank - 2] + [perm[rank - 1], perm[rank - 2]]
-        if swapped == list(range(rank)):
-            return kT.args[0]
-    return b.call(aten.transpose.int, kT, -1, -2)
+        inner = [d % rank for d in kT.args[1]]
+        source, perm = kT.args[0], [inner[d] for d in swap]
+    if perm == list(range(rank)):
+        return source
+    return b.call(aten.permute.default, source, perm)
 
 
 @dataclass

@@ -70,21 +70,19 @@ class NumericsError(PassFailure):
 @dataclass
 class _Snapshot:
     graph: fx.Graph
-    attributes: set[str]
-
-
-def _attributes(gm: fx.GraphModule) -> set[str]:
-    return set(gm._parameters) | set(gm._buffers) | set(gm._modules)
+    # Every module's own parameter, buffer and submodule tables (shallow copies):
+    # passes add merged weights and delete dead ones, possibly in submodules.
+    tables: list[tuple[torch.nn.Module, dict, dict, dict]]
 
 
 def _snapshot(gm: fx.GraphModule) -> _Snapshot:
-    return _Snapshot(copy.deepcopy(gm.graph), _attributes(gm))
+    tables = [(m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in gm.modules()]
+    return _Snapshot(copy.deepcopy(gm.graph), tables)
 
 
 def _restore(gm: fx.GraphModule, snap: _Snapshot) -> None:
-    for name in _attributes(gm):
-        if name not in snap.attributes:
-            delattr(gm, name)
+    for module, parameters, buffers, modules in snap.tables:
+        module._parameters, module._buffers, module._modules = dict(parameters), dict(buffers), dict(modules)
     gm.graph = snap.graph
     gm.recompile()
 

@@ -265,6 +265,16 @@ def test_attention_softcap(dtype, causal):
     assert not torch.allclose(out.float(), uncapped.float(), atol=1e-2)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_attention_fully_masked_row_is_zero(softcap):
+    q, k, v = _qkv(1, 2, 2, 3, 4, 5, seed=13)
+    keep = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    keep[..., 1, :] = False
+    out = ops.attention(q, k, v, keep, None, False, softcap)
+    assert not out.isnan().any() and (out[:, :, 1] == 0).all()
+    torch.testing.assert_close(out[:, :, [0, 2]], ref_attention(q, k, v, keep, softcap=softcap)[:, :, [0, 2]], **F32)
+
+
 @pytest.mark.parametrize("Hq,Hkv", [(5, 2), (4, 3), (2, 4)])
 def test_attention_mismatched_heads(Hq, Hkv):
     q, k, v = _qkv(1, Hq, Hkv, 3, 3, 4)

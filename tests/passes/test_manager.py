@@ -77,3 +77,27 @@ def test_results_record_sizes_and_rewrites():
     (result,) = PassManager([("canonicalize", PASSES["canonicalize"])]).run(gm, ((x,), {}), ref)
     assert result.name == "canonicalize" and result.seconds > 0
     assert result.nodes_before >= result.nodes_after
+
+
+def moves_weights_wrongly(gm):
+    """A wrong rewrite that also edits the module: doubles a weight into a new attribute, deletes the old one."""
+    (node,) = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("weight")]
+    owner_path, name = node.target.rsplit(".", 1)
+    owner = gm.get_submodule(owner_path)
+    gm.register_parameter("doubled", torch.nn.Parameter(getattr(owner, name).detach() * 2, requires_grad=False))
+    node.target = "doubled"
+    delattr(owner, name)
+    return PassResult(name="", changed=True)
+
+
+def test_skip_restores_the_module_attributes_a_pass_added_and_deleted():
+    x = torch.randn(3, 7)
+    gm = captured(torch.nn.Sequential(torch.nn.Linear(7, 5)), x)
+    with torch.no_grad():
+        ref = gm(x)
+    manager = PassManager([("moves-weights", moves_weights_wrongly)], on_failure="skip")
+    (result,) = manager.run(gm, ((x,), {}), ref)
+    assert result.skipped
+    assert not hasattr(gm, "doubled")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref)

