@@ -70,7 +70,20 @@ class _Step:
 
 
 def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
-    """(kv, n_rep) if ``node`` is ``repeat_kv(kv, n_rep)`` spelled expand+reshape, else (node, 1)."""
+    """(kv, n_rep) if ``node`` repeats each key/value head n_rep times in place, else (node, 1).
+
+    Spelled ``reshape(expand(unsqueeze(kv, 2)))`` (HF's ``repeat_kv``) or
+    ``repeat_interleave(kv, n_rep, dim=1)``; both put copies of head j at
+    j·n_rep … j·n_rep + n_rep - 1, the grouped-query mapping. (``kv.repeat``
+    tiles the heads instead and is not grouped-query attention.)
+    """
+    if isinstance(node, fx.Node) and node.target is aten.repeat_interleave.self_int:
+        kv, n_rep = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if tensor(kv) is not None and tensor(kv).dim() == 4 and dim is not None and dim % 4 == 1 \
+                and isinstance(n_rep, int):
+            return kv, n_rep
+        return node, 1
     if not (isinstance(node, fx.Node) and node.target is aten.reshape.default):
         return node, 1
     expand = node.args[0]

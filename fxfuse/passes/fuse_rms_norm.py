@@ -48,6 +48,14 @@ def _source_dtype_input(m: Match) -> fx.Node | Reject:
     return x
 
 
+def _is_centered(x: object) -> bool:
+    """``x - mean(x, ...)``: the RMS of a centered tensor is a LayerNorm, which fuse-layer-norm takes."""
+    if not (isinstance(x, fx.Node) and x.target is aten.sub.Tensor):
+        return False
+    mean = x.args[1]
+    return isinstance(mean, fx.Node) and mean.target is aten.mean.dim and mean.args[0] is x.args[0]
+
+
 def _looks_like_rms(node: fx.Node) -> bool:
     return any(
         isinstance(a, fx.Node) and a.target is aten.rsqrt.default
@@ -57,7 +65,9 @@ def _looks_like_rms(node: fx.Node) -> bool:
 
 
 @rule(WEIGHTED, looks_like=_looks_like_rms)
-def rms_norm_weighted(m: Match, b: Builder) -> fx.Node | Reject:
+def rms_norm_weighted(m: Match, b: Builder) -> fx.Node | Reject | None:
+    if _is_centered(m.xf):
+        return None
     if (bad := _last_dim_only(m)) is not None:
         return bad
     w = tensor(m.weight)
@@ -70,7 +80,9 @@ def rms_norm_weighted(m: Match, b: Builder) -> fx.Node | Reject:
 
 
 @rule(PLAIN, looks_like=_looks_like_rms)
-def rms_norm_plain(m: Match, b: Builder) -> fx.Node | Reject:
+def rms_norm_plain(m: Match, b: Builder) -> fx.Node | Reject | None:
+    if _is_centered(m.xf):
+        return None
     if (bad := _last_dim_only(m)) is not None:
         return bad
     return emit_norm(b, m, m.xf, "rms_norm", [None], float(m.eps))

@@ -382,3 +382,22 @@ def test_property_any_gqa_shape_mask_and_dtype_fuses_and_keeps_numerics(kv_heads
     with torch.no_grad():
         outcome = compare(model(*other), gm(*other))
     assert outcome.ok, outcome.detail
+
+
+@pytest.mark.parametrize("spelling", ["repeat_interleave", "repeat"])
+def test_repeat_interleave_is_grouped_query_attention_but_repeat_is_not(spelling):
+    class Repeated(torch.nn.Module):
+        def forward(self, q, k, v, pad):
+            k, v = (getattr(t, spelling)(2, dim=1) if spelling == "repeat_interleave" else t.repeat(1, 2, 1, 1)
+                    for t in (k, v))
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) @ v
+
+    args = variant_inputs(h=4, hkv=2)
+    model = Repeated()
+    gm = _capture_variant(model, args)
+    run_pipeline(gm, PIPELINE, *args)
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
+    assert node.args[1].meta["val"].shape[1] == (2 if spelling == "repeat_interleave" else 4)
+    other = variant_inputs(b=3, h=4, hkv=2, sq=7, sk=7, seed=6)
+    with torch.no_grad():
+        assert compare(model(*other), gm(*other)).ok

@@ -133,3 +133,47 @@ def test_weighted_rms_norm_with_a_non_vector_scale_falls_back_to_the_plain_norm(
     assert count(gm, ops.rms_norm.default) == 1
     (node,) = [n for n in gm.graph.nodes if n.target is ops.rms_norm.default]
     assert node.args[1] is None  # the (5, 16) scale stays a separate mul
+
+
+class HandLayerNorm(torch.nn.Module):
+    """LayerNorm written out, as older BERT code and ConvNeXt do."""
+
+    def __init__(self, dim: int, affine: bool = True, rsqrt: bool = False) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(dim) + 0.5) if affine else None
+        self.bias = torch.nn.Parameter(torch.randn(dim)) if affine else None
+        self.rsqrt = rsqrt
+
+    def forward(self, x, residual):
+        x = x + residual
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        y = (x - u) * torch.rsqrt(s + 1e-5) if self.rsqrt else (x - u) / torch.sqrt(s + 1e-5)
+        return y if self.weight is None else self.weight * y + self.bias
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("rsqrt", [False, True])
+def test_hand_written_layer_norm_is_fused_with_its_residual(affine, rsqrt):
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    model = HandLayerNorm(16, affine, rsqrt)
+    gm = captured(model, x, r)
+    run_pipeline(gm, PIPELINE, x, r)
+    (node,) = [n for n in gm.graph.nodes if n.target is ops.add_layer_norm.default]
+    assert (node.args[2] is None) is (not affine) and node.args[4] == pytest.approx(1e-5)
+    assert count(gm, aten.mean.dim) + count(gm, aten.sqrt.default) + count(gm, aten.rsqrt.default) == 0
+    x2, r2 = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    torch.testing.assert_close(gm(x2, r2), model(x2, r2))
+
+
+def test_hand_written_norm_over_a_non_vector_scale_keeps_the_scale_outside():
+    class MatrixScale(HandLayerNorm):
+        def forward(self, x, residual):
+            y = super().forward(x, residual)
+            return y * residual  # a full tensor, not a LayerNorm weight
+
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    model = MatrixScale(16, affine=False)
+    gm = captured(model, x, r)
+    run_pipeline(gm, PIPELINE, x, r)
+    assert count(gm, ops.add_layer_norm.default) == 1 and count(gm, aten.mul.Tensor) == 1
