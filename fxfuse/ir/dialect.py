@@ -66,6 +66,7 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     if softcap is not None:
         return _capped_attention(q, k, v, mask, scale, causal, softcap)
+    mask, causal = _simplify_mask(mask, causal, q.shape[-2], k.shape[-2])
     if causal and mask is not None:
         # SDPA's math kernel refuses a mask together with is_causal: fold one into the other.
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
@@ -75,6 +76,32 @@ def attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
+
+
+def _simplify_mask(mask: Optional[Tensor], causal: bool, sq: int, sk: int) -> tuple[Optional[Tensor], bool]:
+    """Hand SDPA its fast paths: a mask that keeps every score → no mask; exactly the causal one → ``causal``.
+
+    A captured graph computes the padding-and-causal mask on every call, where
+    the model's own code would have skipped it when nothing is padded; this
+    check, O(Sq·Sk) bool work, gets back the mask-free and causal kernels.
+    A float mask counts as dropping a score only where it is -inf or at most
+    half the dtype's lowest value (exp underflows to 0 either way).
+    """
+    if mask is None or causal:
+        return mask, causal
+    if mask.dtype == torch.bool:
+        keep = mask
+    else:
+        keep = mask == 0
+        if not torch.where(keep, True, mask <= torch.finfo(mask.dtype).min / 2).all():
+            return mask, causal  # a real bias (ALiBi, relative positions): keep it
+    if keep.all():
+        return None, False
+    if sq == sk and keep.shape[-2:] == (sq, sk):
+        tril = torch.ones(sq, sk, dtype=torch.bool, device=keep.device).tril()
+        if torch.equal(keep, tril.expand(keep.shape)):
+            return None, True
+    return mask, causal
 
 
 def _capped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,

@@ -689,3 +689,20 @@ def test_ops_registry_is_the_torch_ops():
         assert dialect.is_dialect_op(op)
     assert not dialect.is_dialect_op(torch.ops.aten.add.Tensor)
     assert not dialect.is_dialect_op("fxfuse::attention")
+
+
+def test_trivial_masks_are_handed_to_sdpa_as_its_fast_paths():
+    """All-keep → no mask; exactly causal (bool, or float with -inf/min fill) → causal; anything else untouched."""
+    from fxfuse.ir.dialect import _simplify_mask
+
+    tril = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert _simplify_mask(torch.ones(2, 1, 5, 5, dtype=torch.bool), False, 5, 5) == (None, False)
+    assert _simplify_mask(tril.expand(2, 1, 5, 5), False, 5, 5) == (None, True)
+    float_causal = torch.zeros(5, 5).masked_fill(~tril, torch.finfo(torch.float32).min)
+    assert _simplify_mask(float_causal, False, 5, 5) == (None, True)
+    padded = tril.expand(2, 1, 5, 5).clone()
+    padded[1, ..., -1] = False
+    assert _simplify_mask(padded, False, 5, 5)[0] is padded
+    alibi = torch.zeros(5, 5).masked_fill(~tril, float("-inf")) - torch.arange(5.0)
+    assert _simplify_mask(alibi, False, 5, 5)[0] is alibi
+    assert _simplify_mask(tril[:4], False, 4, 5)[0] is not None  # not square: not SDPA's top-left causal
