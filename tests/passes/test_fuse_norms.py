@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.testing import FileCheck
 
+from fxfuse.ir.numerics import compare
 from fxfuse.passes import PASSES
 from tests.helpers import captured, count, run_pipeline
 
@@ -177,3 +180,23 @@ def test_hand_written_norm_over_a_non_vector_scale_keeps_the_scale_outside():
     gm = captured(model, x, r)
     run_pipeline(gm, PIPELINE, x, r)
     assert count(gm, ops.add_layer_norm.default) == 1 and count(gm, aten.mul.Tensor) == 1
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    norm=st.sampled_from(["layer", "rms"]), dim=st.integers(2, 40), batch=st.integers(2, 4), seq=st.integers(2, 9),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_property_norm_blocks_fuse_at_any_size_and_dtype(norm, dim, batch, seq, dtype):
+    torch.manual_seed(dim)
+    model = Block(norm, dim).to(dtype)
+    x = torch.randn(batch, seq, dim, dtype=dtype)
+    gm = captured(model, x)
+    run_pipeline(gm, PIPELINE, x)
+    op = "layer_norm" if norm == "layer" else "rms_norm"
+    assert count(gm, getattr(ops, op).default) == 1 and count(gm, getattr(ops, f"add_{op}").default) == 2
+    assert not any(r.changed for r in run_pipeline(gm, PIPELINE, x))
+    other = torch.randn(batch + 1, seq + 2, dim, dtype=dtype)
+    with torch.no_grad():
+        outcome = compare(model(other), gm(other))
+    assert outcome.ok, outcome.detail
