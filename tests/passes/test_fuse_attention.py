@@ -241,6 +241,12 @@ def _capture_variant(model, args):
                                                      "v": {0: auto, 2: auto}, "pad": {0: auto, 1: auto}})
 
 
+def assert_same_outputs(model, gm, args) -> None:
+    with torch.no_grad():
+        outcome = compare(model(*args), gm(*args))
+    assert outcome.ok, outcome.detail
+
+
 VARIANTS = ["masked_fill", "where_inf", "triu_causal", "arange_causal", "scale_in_k", "softcap", "two_biases",
             "fp32_upcast"]
 
@@ -257,10 +263,7 @@ def test_every_score_spelling_is_fused(kind):
     scale, softcap = node.args[4], node.args[6]
     expected_scale = 1.0 if kind == "two_biases" else 8**-0.5
     assert scale == pytest.approx(expected_scale) and softcap == (5.0 if kind == "softcap" else None)
-    other = variant_inputs(b=3, sq=9, sk=9, seed=1)
-    with torch.no_grad():
-        outcome = compare(model(*other), gm(*other))
-    assert outcome.ok, outcome.detail
+    assert_same_outputs(model, gm, variant_inputs(b=3, sq=9, sk=9, seed=1))
 
 
 def test_a_lone_minus_inf_keep_mask_stays_boolean():
@@ -296,10 +299,7 @@ def test_three_dimensional_attention_is_fused(alibi):
     (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
     q = node.args[0].meta["val"]
     assert q.dim() == 4 and q.shape[1] == (4 if alibi else 1)  # the 4-D view gives the heads; plain bmm has none
-    other = variant_inputs(b=3, sq=7, sk=7, seed=3)
-    with torch.no_grad():
-        outcome = compare(model(*other), gm(*other))
-    assert outcome.ok, outcome.detail
+    assert_same_outputs(model, gm, variant_inputs(b=3, sq=7, sk=7, seed=3))
 
 
 @pytest.mark.parametrize("d", [12, 80])
@@ -310,10 +310,7 @@ def test_cross_attention_and_odd_head_dims(d):
     gm = _capture_variant(model, args)
     run_pipeline(gm, PIPELINE, *args)
     assert count(gm, ATTN) == 1
-    other = variant_inputs(b=1, sq=3, sk=10, d=d, seed=4)
-    with torch.no_grad():
-        outcome = compare(model(*other), gm(*other))
-    assert outcome.ok, outcome.detail
+    assert_same_outputs(model, gm, variant_inputs(b=1, sq=3, sk=10, d=d, seed=4))
 
 
 def test_scores_scaled_by_a_tensor_are_rejected_with_the_reason():
@@ -379,9 +376,7 @@ def test_property_any_gqa_shape_mask_and_dtype_fuses_and_keeps_numerics(kv_heads
     assert node.args[1].meta["val"].shape[1] == kv_heads  # no materialized repeat
     assert not any(r.changed for r in run_pipeline(gm, PIPELINE, q, k, v, pad))
     other = variant_inputs(b=3, h=kv_heads * groups, hkv=kv_heads, sq=sq + 2, sk=sk + 1, d=d, dtype=dtype, seed=5)
-    with torch.no_grad():
-        outcome = compare(model(*other), gm(*other))
-    assert outcome.ok, outcome.detail
+    assert_same_outputs(model, gm, other)
 
 
 @pytest.mark.parametrize("spelling", ["repeat_interleave", "repeat"])
@@ -398,6 +393,4 @@ def test_repeat_interleave_is_grouped_query_attention_but_repeat_is_not(spelling
     run_pipeline(gm, PIPELINE, *args)
     (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
     assert node.args[1].meta["val"].shape[1] == (2 if spelling == "repeat_interleave" else 4)
-    other = variant_inputs(b=3, h=4, hkv=2, sq=7, sk=7, seed=6)
-    with torch.no_grad():
-        assert compare(model(*other), gm(*other)).ok
+    assert_same_outputs(model, gm, variant_inputs(b=3, h=4, hkv=2, sq=7, sk=7, seed=6))
