@@ -7,12 +7,14 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
-from fxfuse.codegen import resolve_backend
+from fxfuse.codegen import lower, resolve_backend
 from fxfuse.ir.capture import CaptureError, capture
 from fxfuse.ir.numerics import compare
 from fxfuse.passes import DEFAULT_PIPELINE, PassManager, resolve
+from fxfuse.passes.manager import NumericsError, PassResult
 from fxfuse.report import Report, count_dialect_ops
 
 
@@ -23,13 +25,17 @@ class OptimizedModule(nn.Module):
     call ``torch.ops.fxfuse.*``); ``report`` says what was done;
     ``fixed_kwargs`` are the non-tensor kwargs the graph was captured with
     (``use_cache=False`` for Hugging Face decoders), filled in when omitted.
+    With the Triton back end, ``program`` is the lowered graph that runs
+    (reading its parameters through ``graph_module``).
     """
 
-    def __init__(self, graph_module: fx.GraphModule, report: Report, fixed_kwargs: dict[str, Any]) -> None:
+    def __init__(self, graph_module: fx.GraphModule, report: Report, fixed_kwargs: dict[str, Any],
+                 program: Any = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.report = report
         self.fixed_kwargs = fixed_kwargs
+        self.program = program
         # An inference graph (export's module refuses train()/eval() calls).
         self.training = False
 
@@ -41,7 +47,16 @@ class OptimizedModule(nn.Module):
                     f"{name}={kwargs[name]!r}. Optimize again with example_kwargs={{{name!r}: {kwargs[name]!r}}}"
                 )
             kwargs.setdefault(name, value)
+        if self.program is not None:
+            return self.program(*args, **kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def generated_sources(self, dump_dir: str | None = None) -> dict[str, str]:
+        """The generated kernel sources this module runs, by kernel name (empty for the eager back end).
+
+        With ``dump_dir``, each is also written to ``dump_dir/<name>.py``.
+        """
+        return {} if self.program is None else self.program.generated_sources(dump_dir)
 
 
 def optimize(
@@ -72,7 +87,8 @@ def optimize(
         raise ValueError(
             "the model is in training mode; fxfuse optimizes inference graphs. Call model.eval() first."
         )
-    chosen = resolve_backend(backend)
+    tensors = [next(model.parameters(), None), *pytree.tree_leaves((example_args, example_kwargs))]
+    chosen = resolve_backend(backend, tensors)
     pipeline = resolve(passes if passes is not None else DEFAULT_PIPELINE)
     start = time.perf_counter()
     captured = capture(model, tuple(example_args), example_kwargs, dynamic_shapes)
@@ -100,4 +116,12 @@ def optimize(
         max_error=max_error,
         notes=captured.notes,
     )
-    return OptimizedModule(gm, report, captured.fixed_kwargs)
+    program = lower(gm, chosen)
+    if validate and program is not None:
+        with torch.no_grad():
+            outcome = compare(reference, program(*args, **kwargs))
+        if not outcome.ok:
+            raise NumericsError(f"the {chosen} back end's output differs from the model's: {outcome.detail}",
+                                PassResult(f"codegen-{chosen}", error=outcome.detail, max_error=outcome.max_error))
+        report.max_error = outcome.max_error
+    return OptimizedModule(gm, report, captured.fixed_kwargs, program)
