@@ -1,19 +1,16 @@
 """The Triton back end: lowering of the dialect ops, specialized attention sources, fallbacks.
 
-Without a GPU the kernels run on CPU tensors under Triton's interpreter, set
-here before triton is imported (see tests/kernels/conftest.py).
+Without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``tests/conftest.py`` sets TRITON_INTERPRET=1 before triton is imported).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the triton extra is not installed")
 
 import fxfuse  # noqa: E402
