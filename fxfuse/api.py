@@ -13,7 +13,7 @@ from torch import nn
 from fxfuse.codegen import lower, resolve_backend
 from fxfuse.ir.capture import CaptureError, capture
 from fxfuse.ir.numerics import compare
-from fxfuse.passes import DEFAULT_PIPELINE, PassManager, resolve
+from fxfuse.passes import PassManager, default_pipeline, resolve
 from fxfuse.passes.manager import NumericsError, PassResult
 from fxfuse.report import Report, count_dialect_ops
 
@@ -75,7 +75,7 @@ def optimize(
     ``model(*example_args, **example_kwargs)`` must run; the result runs on
     other batch sizes and sequence lengths too (dims 0 and 1 of each input are
     dynamic unless ``dynamic_shapes`` says otherwise). ``passes`` names the
-    pipeline (default: ``fxfuse.passes.DEFAULT_PIPELINE``). With ``validate``,
+    pipeline (default: ``fxfuse.passes.default_pipeline(backend)``). With ``validate``,
     each pass is checked against the original model's outputs on the example;
     a pass that breaks them raises ``NumericsError``, or with
     ``on_failure="skip"`` is rolled back and reported. ``backend="auto"``
@@ -89,7 +89,7 @@ def optimize(
         )
     tensors = [next(model.parameters(), None), *pytree.tree_leaves((example_args, example_kwargs))]
     chosen = resolve_backend(backend, tensors)
-    pipeline = resolve(passes if passes is not None else DEFAULT_PIPELINE)
+    pipeline = resolve(passes if passes is not None else default_pipeline(chosen))
     start = time.perf_counter()
     captured = capture(model, tuple(example_args), example_kwargs, dynamic_shapes)
     capture_seconds = time.perf_counter() - start

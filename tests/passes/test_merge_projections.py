@@ -11,7 +11,7 @@ from torch.testing import FileCheck
 
 import fxfuse
 from fxfuse.ir.verify import verify
-from fxfuse.passes import DEFAULT_PIPELINE, PASSES
+from fxfuse.passes import DEFAULT_PIPELINE, PASSES, default_pipeline
 from tests.helpers import captured, count, run_pipeline
 
 aten = torch.ops.aten
@@ -258,8 +258,8 @@ def _inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
 
 def test_llama_projections_merge_and_blocks_still_fuse():
     model = _llama()
-    assert "merge-projections" in DEFAULT_PIPELINE
-    opt = fxfuse.optimize(model, example_kwargs=_inputs(2, 8))
+    assert "merge-projections" in default_pipeline("triton") and "merge-projections" not in DEFAULT_PIPELINE
+    opt = fxfuse.optimize(model, example_kwargs=_inputs(2, 8), passes=default_pipeline("triton"))
     gm = opt.graph_module
     assert count(gm, aten.linear.default) == 2 * 4  # per layer: qkv, o, gate_up, down (was 7)
     cats = [n for n in gm.graph.nodes if n.target is aten.cat.default]  # RoPE's cat(freqs, freqs) only
@@ -282,7 +282,7 @@ def test_llama_merge_alone_then_fusions():
     """The merge must not hide blocks from the fusion passes run after it."""
     model = _llama()
     base = fxfuse.optimize(copy.deepcopy(model), example_kwargs=_inputs(2, 8),
-                           passes=[p for p in DEFAULT_PIPELINE if p != "merge-projections"])
-    merged = fxfuse.optimize(model, example_kwargs=_inputs(2, 8))
+                           passes=DEFAULT_PIPELINE)
+    merged = fxfuse.optimize(model, example_kwargs=_inputs(2, 8), passes=default_pipeline("triton"))
     assert count(base.graph_module, aten.linear.default) == 2 * 7
     assert merged.report.ops == base.report.ops
