@@ -14,6 +14,7 @@ attention tensors are (batch, heads, seq, head_dim).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -89,19 +90,34 @@ def _simplify_mask(mask: Optional[Tensor], causal: bool, sq: int, sk: int) -> tu
     """
     if mask is None or causal:
         return mask, causal
+    # Every layer of a model reads the same mask tensor: analyse it once.
+    key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape), sq, sk)
+    if _LAST_MASK and _LAST_MASK[0] == key and _LAST_MASK[1]() is mask:
+        kind = _LAST_MASK[2]
+    else:
+        kind = _mask_kind(mask, sq, sk)
+        _LAST_MASK[:] = [key, weakref.ref(mask), kind]
+    return {"none": (None, False), "causal": (None, True), "keep": (mask, False)}[kind]
+
+
+_LAST_MASK: list = []  # [key, weak reference to the mask, kind] of the last analysis
+
+
+def _mask_kind(mask: Tensor, sq: int, sk: int) -> str:
+    """The mask's kind: "none" (keeps every score), "causal" (exactly SDPA's causal mask) or "keep"."""
     if mask.dtype == torch.bool:
         keep = mask
     else:
         keep = mask == 0
         if not torch.where(keep, True, mask <= torch.finfo(mask.dtype).min / 2).all():
-            return mask, causal  # a real bias (ALiBi, relative positions): keep it
+            return "keep"  # a real bias (ALiBi, relative positions)
     if keep.all():
-        return None, False
+        return "none"
     if sq == sk and keep.shape[-2:] == (sq, sk):
         tril = torch.ones(sq, sk, dtype=torch.bool, device=keep.device).tril()
         if torch.equal(keep, tril.expand(keep.shape)):
-            return None, True
-    return mask, causal
+            return "causal"
+    return "keep"
 
 
 def _capped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
