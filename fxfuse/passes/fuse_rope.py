@@ -81,8 +81,13 @@ def _check_partial(m: Match) -> Reject | None:
     return None
 
 
-def _partner(m: Match, pattern: Pattern) -> Match | None:
-    """The rotation of another tensor that reads the same cos and sin (k for q, q for k)."""
+def _partners(m: Match, pattern: Pattern) -> list[Match]:
+    """Rotations of other tensors that read the same cos and sin, nearest in the graph first.
+
+    Every layer reads the same cos and sin, so the nearest rotation is the
+    one of the same layer (k for q, q for k).
+    """
+    found = []
     for mul in m.cos.users:
         for add in mul.users:
             roots = list(add.users) if pattern is PARTIAL else [add]
@@ -92,18 +97,22 @@ def _partner(m: Match, pattern: Pattern) -> Match | None:
                 other = match(pattern, root)
                 if (isinstance(other, Match) and other.cos is m.cos and other.sin is m.sin and other.x is not m.x
                         and (other.get("half") is None) == (m.get("half") is None)):
-                    return other
-    return None
+                    found.append(other)
+    order = {n: i for i, n in enumerate(m.root.graph.nodes)}
+    return sorted(found, key=lambda o: abs(order[o.root] - order[m.root]))
 
 
 def _pair(m: Match, b: Builder, pattern: Pattern, source: str) -> fx.Node | Reject:
-    other = _partner(m, pattern)
-    if other is None:
+    candidates = _partners(m, pattern)
+    if not candidates:
         return Reject("rotates one tensor alone; fxfuse.rope rotates q and k together", m.root)
     order = {n: i for i, n in enumerate(b.graph.nodes)}
-    first, second = sorted((m, other), key=lambda r: order[r.root])
-    inputs = (first.get(source), second.get(source), m.cos, m.sin)
-    if any(order[n] >= order[first.root] for n in inputs):
+    for other in candidates:
+        first, second = sorted((m, other), key=lambda r: order[r.root])
+        inputs = (first.get(source), second.get(source), m.cos, m.sin)
+        if all(order[n] < order[first.root] for n in inputs):
+            break
+    else:
         return Reject("q and k are computed after the first rotation; they cannot be rotated together", m.root)
     with b.before(first.root):
         fused = b.call(OPS["rope"], *inputs, m.get("pairs") is not None)

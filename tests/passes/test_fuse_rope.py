@@ -106,3 +106,27 @@ def test_fused_rope_runs_at_other_shapes():
     other = inputs(b=3, s=9)
     for got, want in zip(gm(*other), model(*other)):
         torch.testing.assert_close(got, want)
+
+
+def test_every_layer_pairs_its_own_q_and_k_though_all_layers_share_cos_and_sin():
+    class Layers(torch.nn.Module):
+        def __init__(self, n: int = 4) -> None:
+            super().__init__()
+            self.q = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(n))
+            self.k = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(n))
+
+        def forward(self, x, cos, sin):
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            for q_proj, k_proj in zip(self.q, self.k):
+                q, k = q_proj(x), k_proj(x)
+                q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+                x = x + q * k
+            return x
+
+    _, _, cos, sin = inputs()
+    x = torch.randn(2, 4, 5, 8)
+    model = Layers()
+    gm = capture_any(model, x, cos, sin)
+    results = run_pipeline(gm, PIPELINE, x, cos, sin)
+    rope = next(r for r in results if r.name == "fuse-rope")
+    assert count(gm, ops.rope.default) == 4 and rope.rejections == []
