@@ -60,7 +60,7 @@ def minilm(attn: str) -> torch.nn.Module:
 
 
 def llama_100m(attn: str) -> torch.nn.Module:
-    """A LLaMA-style decoder of about 110M parameters: 12 layers, hidden 768, 12 query / 4 key-value heads."""
+    """A LLaMA-style decoder of about 100M parameters: 12 layers, hidden 768, 12 query / 4 key-value heads."""
     config = transformers.LlamaConfig(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0,
@@ -69,7 +69,7 @@ def llama_100m(attn: str) -> torch.nn.Module:
     return transformers.AutoModel.from_config(config, attn_implementation=attn).eval()
 
 
-CASES = [Case("all-MiniLM-L6-v2", minilm, 4, 128, 30522), Case("LLaMA-style 110M", llama_100m, 1, 512, 32000)]
+CASES = [Case("all-MiniLM-L6-v2", minilm, 4, 128, 30522), Case("LLaMA-style 100M", llama_100m, 1, 512, 32000)]
 
 
 def inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
