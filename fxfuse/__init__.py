@@ -4,13 +4,14 @@ from fxfuse.api import OptimizedModule, optimize
 from fxfuse.ir import dialect as _dialect  # registers the fxfuse:: ops
 from fxfuse.ir.capture import CaptureError
 from fxfuse.ir.verify import VerificationError
+from fxfuse.onnx_export import OnnxExport, OnnxExportError, export_onnx
 from fxfuse.passes.manager import NumericsError, PassFailure, PassResult, Rejection
 from fxfuse.report import Report
 
 ops = _dialect.OPS
 
 __all__ = [
-    "CaptureError", "NumericsError", "OptimizedModule", "PassFailure", "PassResult",
-    "Rejection", "Report", "VerificationError", "optimize", "ops",
+    "CaptureError", "NumericsError", "OnnxExport", "OnnxExportError", "OptimizedModule", "PassFailure",
+    "PassResult", "Rejection", "Report", "VerificationError", "export_onnx", "optimize", "ops",
 ]
 __version__ = "0.1.0"

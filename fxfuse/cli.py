@@ -1,0 +1,130 @@
+"""The ``fxfuse`` command line.
+
+    fxfuse export-onnx MODEL -o model.onnx [--target ort|onnx] [--batch 2 --seq 16] [--input NAME=SHAPE[:DTYPE]]…
+
+MODEL is a ``transformers`` model directory (loaded with ``AutoModel``) or a
+Python ``module:callable`` that returns an ``nn.Module`` (or a pair of the
+module and its example keyword inputs). Without ``--input``, a text model
+gets ``input_ids`` (random token ids) and ``attention_mask`` (ones) of shape
+``--batch`` × ``--seq``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32, "float16": torch.float16,
+           "bfloat16": torch.bfloat16, "bool": torch.bool}
+
+
+def _load(spec: str) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A model from a directory or a ``module:callable``; the callable may also return example kwargs."""
+    if Path(spec).is_dir():
+        import transformers
+
+        return transformers.AutoModel.from_pretrained(spec), None
+    if ":" not in spec:
+        raise SystemExit(f"fxfuse: {spec!r} is neither a model directory nor a 'module:callable'")
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"fxfuse: cannot load {spec!r}: {e}") from e
+    built = target() if callable(target) and not isinstance(target, nn.Module) else target
+    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
+        return built[0], dict(built[1])
+    if not isinstance(built, nn.Module):
+        raise SystemExit(f"fxfuse: {spec!r} gave a {type(built).__name__}, not an nn.Module")
+    return built, None
+
+
+def _parse_input(text: str) -> tuple[str, tuple[int, ...], torch.dtype]:
+    """NAME=2x16[:int64] → ("NAME", (2, 16), torch.int64)."""
+    name, eq, rest = text.partition("=")
+    shape_text, _, dtype_text = rest.partition(":")
+    try:
+        shape = tuple(int(d) for d in shape_text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not eq or not name or not shape:
+        raise SystemExit(f"fxfuse: --input takes NAME=SHAPE[:DTYPE] (e.g. input_ids=2x16:int64), got {text!r}")
+    if dtype_text and dtype_text not in _DTYPES:
+        raise SystemExit(f"fxfuse: unknown dtype {dtype_text!r} (one of {', '.join(_DTYPES)})")
+    default = torch.int64 if "ids" in name or "mask" in name else torch.float32
+    return name, shape, _DTYPES.get(dtype_text, default)
+
+
+def _example(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", None) or 1000)
+    specs = [_parse_input(t) for t in args.input] or [
+        ("input_ids", (args.batch, args.seq), torch.int64), ("attention_mask", (args.batch, args.seq), torch.int64)]
+    example = {}
+    for name, shape, dtype in specs:
+        if "mask" in name:
+            example[name] = torch.ones(shape, dtype=dtype)
+        elif dtype.is_floating_point:
+            example[name] = torch.randn(shape, generator=gen).to(dtype)
+        else:
+            example[name] = torch.randint(0, vocab, shape, generator=gen).to(dtype)
+    return example
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from fxfuse import OnnxExportError, export_onnx
+    from fxfuse.ir.capture import CaptureError
+
+    model, example = _load(args.model)
+    if example is None or args.input:
+        example = _example(model, args)
+    try:
+        result = export_onnx(model.eval(), example_kwargs=example, path=args.output, target=args.target,
+                             dynamic=not args.static, validate=not args.no_validate)
+    except (OnnxExportError, CaptureError) as e:
+        print(f"fxfuse export-onnx: {e}", file=sys.stderr)
+        return 1
+    if args.report:
+        print(result.report)
+    print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxfuse", description="fxfuse: fuse and export PyTorch transformer models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser(
+        "export-onnx", help="optimize a model and write it as validated ONNX with fused ops",
+        description="Optimize MODEL with fxfuse and write it as ONNX (fused ops), validated in ONNX Runtime.")
+    export.add_argument("model", help="a transformers model directory, or module:callable returning an nn.Module")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--target", choices=["ort", "onnx"], default="ort",
+                        help="ort: ONNX Runtime contrib ops (default); onnx: standard opset-23 ops only")
+    export.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+    export.add_argument("--seq", type=int, default=16, help="example sequence length (default 16)")
+    export.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
+                        help="an example input, e.g. pixel_values=2x3x224x224:float32 (repeatable; replaces the "
+                             "default input_ids/attention_mask)")
+    export.add_argument("--static", action="store_true", help="fix every input dim to the example's")
+    export.add_argument("--no-validate", action="store_true", help="skip onnx.checker and the ONNX Runtime check")
+    export.add_argument("--report", action="store_true", help="also print the optimize() report")
+    export.set_defaults(run=_export_onnx)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

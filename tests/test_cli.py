@@ -1,0 +1,85 @@
+"""The ``fxfuse export-onnx`` command on a ``module:callable``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fxfuse.cli import main
+
+pytest.importorskip("onnxruntime")
+
+BUILDERS = textwrap.dedent('''
+    import torch, transformers
+
+    def bert():
+        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64)
+        torch.manual_seed(0)
+        return transformers.AutoModel.from_config(config, attn_implementation="eager")
+
+    class Mystery(torch.nn.Module):  # an op no ONNX translation exists for
+        def forward(self, x):
+            return torch.special.chebyshev_polynomial_t(x, 3)
+
+    def mystery():
+        return Mystery(), {"x": torch.randn(2, 8)}
+
+    not_a_model = 42
+''')
+
+
+@pytest.fixture
+def builders(tmp_path, monkeypatch):
+    (tmp_path / "cli_builders.py").write_text(BUILDERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("cli_builders", None)
+    return tmp_path
+
+
+def test_export_onnx_from_a_callable(builders, capsys):
+    out = builders / "out" / "bert.onnx"
+    code = main(["export-onnx", "cli_builders:bert", "-o", str(out), "--batch", "2", "--seq", "8"])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.exists()
+    assert "com.microsoft::Attention×1" in printed and "validated with ONNX Runtime" in printed
+    assert "batch 2→3 × sequence 8→11" in printed
+
+
+def test_standard_target_and_explicit_inputs(builders, capsys):
+    out = builders / "bert-std.onnx"
+    code = main(["export-onnx", "cli_builders:bert", "-o", str(out), "--target", "onnx",
+                 "--input", "input_ids=3x5", "--input", "attention_mask=3x5:int64"])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.exists()
+    assert "Attention×1" in printed and "com.microsoft" not in printed and "batch 3→4 × sequence 5→8" in printed
+
+
+def test_a_model_that_cannot_be_exported_fails_cleanly(builders, capsys):
+    out = builders / "mystery.onnx"
+    assert main(["export-onnx", "cli_builders:mystery", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no ONNX translation for the op" in err and "chebyshev_polynomial_t" in err
+    assert not out.exists() and sorted(p.name for p in builders.iterdir()) == ["cli_builders.py"]
+
+
+@pytest.mark.parametrize("spec, message", [("cli_builders:not_a_model", "not an nn.Module"),
+                                           ("cli_builders:missing", "cannot load"),
+                                           ("no-such-dir", "neither a model directory")])
+def test_bad_model_specs_are_explained(builders, spec, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["export-onnx", spec, "-o", "x.onnx"])
+
+
+def test_bad_input_spec_is_explained(builders):
+    with pytest.raises(SystemExit, match="NAME=SHAPE"):
+        main(["export-onnx", "cli_builders:bert", "-o", "x.onnx", "--input", "input_ids"])
+
+
+def test_the_module_entry_point_prints_help():
+    done = subprocess.run([sys.executable, "-m", "fxfuse.cli", "export-onnx", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "module:callable" in done.stdout and "--target" in done.stdout
