@@ -66,7 +66,8 @@ LABELS = {
 }
 # ONNX op types that are fused blocks, by kind (any domain).
 KINDS = {
-    "attention": {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention"},
+    "attention": {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                  "PackedMultiHeadAttention"},
     "norm": {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
              "SkipSimplifiedLayerNormalization", "RMSNormalization", "EmbedLayerNormalization"},
     "rope": {"RotaryEmbedding"},
@@ -189,8 +190,9 @@ def export_variants(case: Case, model: torch.nn.Module, workdir: Path) -> tuple[
 
     def torchscript() -> Path:
         raw = workdir / "c_raw.onnx"
-        torch.onnx.export(_Positional(model).eval(), (small["input_ids"], small["attention_mask"]), str(raw), dynamo=False,
-                          opset_version=17, input_names=["input_ids", "attention_mask"], dynamic_axes=dims)
+        torch.onnx.export(_Positional(model).eval(), (small["input_ids"], small["attention_mask"]), str(raw),
+                          dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                          dynamic_axes=dims)
         return ort_optimizer(raw, workdir / "c.onnx")
 
     def fxfuse_export(target: str) -> Path:
@@ -297,7 +299,8 @@ def measure(case: Case, rounds: int, runs: int, profile: bool) -> dict[str, Any]
     example = inputs(case, case.batch, case.seq, seed=1)
     with torch.no_grad():
         reference = model(**example, **fixed(model))[0].numpy()
-    result: dict[str, Any] = {"case": case, "params": params, "rows": {}, "notes": {}}
+    result: dict[str, Any] = {"case": case, "params": params, "rows": {}, "notes": {},
+                              "load": [os.getloadavg()[0]]}
     with tempfile.TemporaryDirectory(prefix="fxfuse-onnx-bench-") as tmp:
         files, notes = export_variants(case, model, Path(tmp))
         result["notes"] = notes
@@ -323,6 +326,7 @@ def measure(case: Case, rounds: int, runs: int, profile: bool) -> dict[str, Any]
                 for _ in range(runs):
                     sess.run(None, feeds[key])
                 result["rows"][key]["times"].append((time.perf_counter() - start) / runs)
+        result["load"].append(os.getloadavg()[0])
         for key, row in result["rows"].items():
             row["median"] = statistics.median(row["times"]) if row["times"] else float("nan")
             print(f"  {LABELS[key]:34s} {row['median'] * 1e3:8.1f} ms  err {row['error']:.1e}  "
@@ -374,9 +378,11 @@ def zoo_table() -> list[str]:
                     cells[1] += f" ({skip})"
                     cells += [f"{r.fused[k]}/{r.expected[k]}" for k in ("rope", "activation")]
                     status = "validated" + ("" if r.fully_fused else " (not every block one op)")
-                    lines.append(f"| {spec.name} | {target} | " + " | ".join(cells) + f" | {r.max_error:.1e} | {status} |")
+                    lines.append(f"| {spec.name} | {target} | " + " | ".join(cells)
+                                 + f" | {r.max_error:.1e} | {status} |")
                 except Exception as e:
-                    lines.append(f"| {spec.name} | {target} | - | - | - | - | - | FAILED: {str(e).splitlines()[0][:120]} |")
+                    reason = str(e).splitlines()[0][:120]
+                    lines.append(f"| {spec.name} | {target} | - | - | - | - | - | FAILED: {reason} |")
             print(lines[-2], "\n", lines[-1], flush=True)
     return lines
 
@@ -428,6 +434,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, zoo: list[st
         base = [rows[k]["median"] for k in BASELINES if k in rows]
         fastest = min(base) if base else float("nan")
         lines += [f"## {case.name} ({res['params'] / 1e6:.0f}M parameters), batch {case.batch} × {case.seq}", "",
+                  f"Load average (1 min) at the start and the end of the timed rounds: {res['load'][0]:.1f}, "
+                  f"{res['load'][-1]:.1f} (other jobs share these 2 CPUs; ratios are the figures to read).", "",
                   "| variant | median ms | ratio | fused ops in file (→ in session) | max rel. error |",
                   "|---|---|---|---|---|"]
         for key in LABELS:

@@ -151,7 +151,8 @@ def count_fused_ops(model: onnx.ModelProto, target: str) -> dict[str, int]:
 
 # --- contrib ops ------------------------------------------------------------------------------------------
 
-_ALL_TYPES = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "double", "int32", "int64", "bool", "uint8", "int8")]
+_ALL_TYPES = [f"tensor({t})" for t in
+              ("float", "float16", "bfloat16", "double", "int32", "int64", "bool", "uint8", "int8")]
 _ATTR_TYPES = {float: onnx.defs.OpSchema.AttrType.FLOAT, int: onnx.defs.OpSchema.AttrType.INT,
                str: onnx.defs.OpSchema.AttrType.STRING}
 
@@ -165,7 +166,8 @@ def contrib_op(name: str, inputs: Sequence[str], outputs: Sequence[str], attribu
     Python types. Nothing is registered globally.
     """
     param = onnx.defs.OpSchema.FormalParameter
-    single, optional = onnx.defs.OpSchema.FormalParameterOption.Single, onnx.defs.OpSchema.FormalParameterOption.Optional
+    option = onnx.defs.OpSchema.FormalParameterOption
+    single, optional = option.Single, option.Optional
 
     def params(names: Sequence[str], prefix: str) -> list:
         return [param(n.rstrip("?"), f"{prefix}{i}", param_option=optional if n.endswith("?") else single)

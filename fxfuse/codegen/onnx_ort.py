@@ -269,7 +269,8 @@ def gated_mlp_act(gate: ir.Value, up: ir.Value, activation: str) -> ir.Value:
     return op.Mul(act, up)
 
 
-def rope(q: ir.Value, k: ir.Value, cos: ir.Value, sin: ir.Value, interleaved: bool = False) -> tuple[ir.Value, ir.Value]:
+def rope(q: ir.Value, k: ir.Value, cos: ir.Value, sin: ir.Value,
+         interleaved: bool = False) -> tuple[ir.Value, ir.Value]:
     plan = onnx_std.rope_plan(q, k, cos, sin, interleaved)
     if plan is None:
         return onnx_std.rotate(q, cos, sin, interleaved), onnx_std.rotate(k, cos, sin, interleaved)

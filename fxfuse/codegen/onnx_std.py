@@ -105,7 +105,7 @@ def zero_masked_rows(out: ir.Value, valid: Optional[ir.Value], valid_heads: obje
 
 def attention(q: ir.Value, k: ir.Value, v: ir.Value, mask: Optional[ir.Value] = None, scale: Optional[float] = None,
               causal: bool = False, softcap: Optional[float] = None) -> ir.Value:
-    """Opset-23 ``Attention`` on (B, H, S, D) tensors: grouped heads, bool or float mask, causal and soft-cap built in."""
+    """Opset-23 ``Attention`` on (B, H, S, D) tensors: grouped heads, bool or float mask, causal, soft-cap."""
     d = static_dim(q, 3, "attention", "head dim")
     attrs = {"scale": default_scale(d, scale), "is_causal": int(bool(causal))}
     if softcap is not None:
@@ -205,7 +205,8 @@ def gated_mlp_act(gate: ir.Value, up: ir.Value, activation: str) -> ir.Value:
 
 # --- rotary embedding --------------------------------------------------------------------------------------
 
-def rope(q: ir.Value, k: ir.Value, cos: ir.Value, sin: ir.Value, interleaved: bool = False) -> tuple[ir.Value, ir.Value]:
+def rope(q: ir.Value, k: ir.Value, cos: ir.Value, sin: ir.Value,
+         interleaved: bool = False) -> tuple[ir.Value, ir.Value]:
     plan = rope_plan(q, k, cos, sin, interleaved)
     if plan is None:
         return rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
@@ -382,7 +383,7 @@ def rope_plan(q: ir.Value, k: ir.Value, cos: ir.Value, sin: ir.Value, interleave
         return None
     head_axis = candidates[0]
     seq_axis = 3 - head_axis
-    if not same_dim(qd[seq_axis], kd[seq_axis]) or not same_dim(qd[0], kd[0]) or not same_dim(c4[seq_axis], qd[seq_axis]):
+    if not (same_dim(qd[seq_axis], kd[seq_axis]) and same_dim(qd[0], kd[0]) and same_dim(c4[seq_axis], qd[seq_axis])):
         return None
     if same_dim(c4[0], qd[0]):
         per_batch = True

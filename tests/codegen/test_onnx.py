@@ -179,7 +179,8 @@ class Block(nn.Module):
         else:
             h = ops.rms_norm(x, None, 1e-6)
             y, r = ops.add_rms_norm(h, pos, self.w, 1e-6)
-            a = ops.gated_mlp_act(self.gate(y), self.up(y), "silu") + ops.gated_mlp_act(self.gate(r), self.up(r), "gelu")
+            a = ops.gated_mlp_act(self.gate(y), self.up(y), "silu")
+            a = a + ops.gated_mlp_act(self.gate(r), self.up(r), "gelu")
             a = a + ops.gated_mlp_act(self.gate(y), self.up(r), "gelu_tanh")
             y2, r2 = ops.add_rms_norm(self.down(a), r, None, 1e-6)
         return y2 + r2
