@@ -7,16 +7,20 @@ Run from the repository root (writes ``benchmarks/results/cpu-latency.md``):
 Models: all-MiniLM-L6-v2 with its trained weights (batch 4 × 128) and a
 LLaMA-style decoder of about 100M parameters with random weights (batch 1 ×
 512), each as ``transformers`` builds it by default (SDPA attention) and with
-eager attention. For each, the original and the optimized module are called
-alternately in one process, after warm-up, and the table gives the median of
-``--repeats`` calls of each, their ratio, and the max relative difference of
-their outputs.
+eager attention. For each, three modules are called in turn in one process,
+after warm-up: the original; the fused graph run through the dispatcher on
+the dialect ops' reference implementations (fusion alone: the same ATen
+kernels as the model); and ``fxfuse.optimize()``'s result, whose eager back
+end also runs the linears on oneDNN with their activations fused. The table
+gives the median of ``--repeats`` calls of each, the ratios to the original,
+and the max relative difference of the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -78,17 +82,17 @@ def inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def side_by_side(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Median seconds of ``a`` and of ``b``, called alternately so drift hits both alike."""
-    times: tuple[list[float], list[float]] = ([], [])
+def side_by_side(fns: list[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn so drift hits all alike."""
+    times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
         for i in range(warmup + repeats):
-            for fn, bucket in ((a, times[0]), (b, times[1])):
+            for fn, bucket in zip(fns, times):
                 start = time.perf_counter()
                 fn()
                 if i >= warmup:
                     bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(bucket) for bucket in times]
 
 
 def measure(case: Case, attn: str, repeats: int) -> dict[str, Any]:
@@ -99,10 +103,14 @@ def measure(case: Case, attn: str, repeats: int) -> dict[str, Any]:
     call = {**example, **opt.fixed_kwargs}
     with torch.no_grad():
         error = compare(model(**call), opt(**example)).max_error
-    original, optimized = side_by_side(lambda: model(**call), lambda: opt(**example), repeats)
+    load = os.getloadavg()[0]
+    original, fused, optimized = side_by_side(
+        [lambda: model(**call), lambda: opt.graph_module(**call), lambda: opt(**example)], repeats)
     ops = ", ".join(f"{k}×{v}" for k, v in opt.report.ops.items())
+    lowered = ", ".join(f"{k}×{v}" for k, v in opt.report.lowered.items()) or "-"
     return dict(model=case.name, params=params, attn=attn, shape=f"{case.batch}×{case.seq}", original=original,
-                optimized=optimized, ratio=optimized / original, error=error, ops=ops)
+                fused=fused, optimized=optimized, ratio=optimized / original, error=error, ops=ops,
+                lowered=lowered, load=(load, os.getloadavg()[0]))
 
 
 def render(rows: list[dict[str, Any]], repeats: int, threads: int) -> str:
@@ -110,20 +118,36 @@ def render(rows: list[dict[str, Any]], repeats: int, threads: int) -> str:
         "# CPU latency: fxfuse (eager back end) vs the original module",
         "",
         f"- date: {datetime.date.today().isoformat()}; command: `{COMMAND} --repeats {repeats} --threads {threads}`",
-        f"- machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads; "
+        f"- machine: {cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads; "
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- method: after 3 warm-up calls each, {repeats} calls of the original and of the optimized module "
-        "alternately in one process; medians; ratio = optimized / original (below 1 is faster).",
+        f"- method: after 3 warm-up calls each, {repeats} rounds in which the original, the fused graph on the "
+        "reference ops and the optimized module each run once, in one process; medians; ratios = time / the "
+        "original's (below 1 is faster). *fused only* is `opt.graph_module`: the fusions with the model's own "
+        "ATen kernels; *fxfuse* is `opt`, the eager back end's program (oneDNN linears with fused epilogues).",
         "",
-        "| model | params | attention | batch×seq | original ms | fxfuse ms | ratio | max rel. error | fused ops |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | attention | batch×seq | original ms | fused only ms (ratio) | fxfuse ms | ratio "
+        "| max rel. error | load avg | fused ops | lowered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['attn']} | {r['shape']} | {r['original'] * 1e3:.1f} | "
-            f"{r['optimized'] * 1e3:.1f} | {r['ratio']:.2f} | {r['error']:.1e} | {r['ops']} |"
+            f"{r['fused'] * 1e3:.1f} ({r['fused'] / r['original']:.2f}) | {r['optimized'] * 1e3:.1f} | "
+            f"**{r['ratio']:.2f}** | {r['error']:.1e} | {r['load'][0]:.1f}→{r['load'][1]:.1f} | {r['ops']} | "
+            f"{r['lowered']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

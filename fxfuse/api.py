@@ -25,7 +25,7 @@ class OptimizedModule(nn.Module):
     call ``torch.ops.fxfuse.*``); ``report`` says what was done;
     ``fixed_kwargs`` are the non-tensor kwargs the graph was captured with
     (``use_cache=False`` for Hugging Face decoders), filled in when omitted.
-    With the Triton back end, ``program`` is the lowered graph that runs
+    ``program`` is the graph lowered for the back end, which is what runs
     (reading its parameters through ``graph_module``).
     """
 
@@ -78,8 +78,12 @@ def optimize(
     pipeline (default: ``fxfuse.passes.default_pipeline(backend)``). With ``validate``,
     each pass is checked against the original model's outputs on the example;
     a pass that breaks them raises ``NumericsError``, or with
-    ``on_failure="skip"`` is rolled back and reported. ``backend="auto"``
-    picks the best back end available for the model's device.
+    ``on_failure="skip"`` is rolled back and reported; the back end's lowered
+    program is validated the same way (skipped, it runs the fused graph's
+    reference implementations instead). ``backend="auto"`` picks the best
+    back end available for the model's device; on the CPU, the eager back end
+    runs linears through oneDNN with their activations fused
+    (``fxfuse.codegen.eager``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
@@ -103,25 +107,29 @@ def optimize(
             raise CaptureError(f"the captured graph does not reproduce the model: {outcome.detail}")
     manager = PassManager(pipeline, validate=validate, on_failure=on_failure)
     results = manager.run(gm, (args, kwargs), reference)
-    max_error = None
-    if validate:
-        with torch.no_grad():
-            max_error = compare(reference, gm(*args, **kwargs)).max_error
     report = Report(
         model=type(model).__name__,
         backend=chosen,
         passes=results,
         ops=count_dialect_ops(gm),
         capture_seconds=capture_seconds,
-        max_error=max_error,
         notes=captured.notes,
     )
     program = lower(gm, chosen)
-    if validate and program is not None:
+    report.lowered = program.lowered
+    if validate:
         with torch.no_grad():
             outcome = compare(reference, program(*args, **kwargs))
-        if not outcome.ok:
-            raise NumericsError(f"the {chosen} back end's output differs from the model's: {outcome.detail}",
-                                PassResult(f"codegen-{chosen}", error=outcome.detail, max_error=outcome.max_error))
         report.max_error = outcome.max_error
+        if not outcome.ok:
+            failed = PassResult(f"codegen-{chosen}", skipped=True, error=outcome.detail, max_error=outcome.max_error)
+            if on_failure == "raise":
+                raise NumericsError(f"the {chosen} back end's output differs from the model's: {outcome.detail}",
+                                    failed)
+            # The fused graph itself runs the dialect ops' reference implementations.
+            report.passes.append(failed)
+            report.lowered = {}
+            program = None
+            with torch.no_grad():
+                report.max_error = compare(reference, gm(*args, **kwargs)).max_error
     return OptimizedModule(gm, report, captured.fixed_kwargs, program)

@@ -22,7 +22,12 @@ def count_dialect_ops(gm: fx.GraphModule) -> dict[str, int]:
 
 @dataclass
 class Report:
-    """What ``optimize()`` did to a model."""
+    """What ``optimize()`` did to a model.
+
+    ``ops`` counts the fused dialect ops in the graph; ``lowered`` counts what
+    the back end's lowering did beyond them (the eager back end's oneDNN
+    linears with fused epilogues, the Triton back end's kernels), by kind.
+    """
 
     model: str
     backend: str
@@ -30,6 +35,7 @@ class Report:
     ops: dict[str, int]
     capture_seconds: float
     max_error: float | None = None
+    lowered: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -55,6 +61,9 @@ class Report:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         ops = ", ".join(f"{k}×{v}" for k, v in self.ops.items()) or "none"
         lines.append(f"fused ops: {ops}")
+        if self.lowered:
+            lowered = ", ".join(f"{k}×{v}" for k, v in self.lowered.items())
+            lines.append(f"lowered by the {self.backend} back end: {lowered}")
         if self.max_error is not None:
             lines.append(f"max relative output error vs the original model: {self.max_error:.2e}")
         if self.rejections:

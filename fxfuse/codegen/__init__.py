@@ -1,8 +1,9 @@
 """Back ends: lowering of the fxfuse dialect ops.
 
-``eager`` runs each dialect op's reference implementation (registered with
-the op in ``fxfuse.ir.dialect``: SDPA, ``F.layer_norm`` and friends), so an
-eager graph needs no rewriting. ``triton`` (``fxfuse.codegen.triton``) lowers
+``eager`` (``fxfuse.codegen.eager``) runs each dialect op's reference
+implementation (registered with the op in ``fxfuse.ir.dialect``: SDPA,
+``F.layer_norm`` and friends), and on the CPU runs linears through oneDNN
+with their activation epilogues fused. ``triton`` (``fxfuse.codegen.triton``) lowers
 each dialect op to an ``fxfuse.kernels`` launcher on CUDA tensors, with the
 reference implementation as the fallback. An ONNX back end is built on the
 same ops.
@@ -47,9 +48,11 @@ def resolve_backend(backend: str, tensors: Iterable[Any] = ()) -> str:
 
 
 def lower(gm: fx.GraphModule, backend: str) -> Any:
-    """The runnable program of ``gm`` for a concrete back end: None for eager (run ``gm`` itself)."""
+    """The runnable program of ``gm`` for a concrete back end ("eager" or "triton")."""
     if backend == "triton":
         from fxfuse.codegen.triton import lower as lower_triton
 
         return lower_triton(gm)
-    return None
+    from fxfuse.codegen.eager import lower as lower_eager
+
+    return lower_eager(gm)

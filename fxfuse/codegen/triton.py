@@ -31,6 +31,7 @@ Rope runs in place when that is safe: the rotated tensors are fresh values
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import importlib
 import logging
 import math
@@ -356,6 +357,11 @@ class TritonProgram:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **kwargs)
+
+    @property
+    def lowered(self) -> dict[str, int]:
+        """The dialect nodes lowered to kernel launchers, by op (fallbacks are in ``fallbacks``)."""
+        return dict(sorted(Counter(lowering.op for lowering in self.lowerings.values()).items()))
 
     def device_reason(self, args: tuple) -> str | None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]

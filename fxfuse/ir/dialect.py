@@ -39,7 +39,6 @@ def _check_gqa(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("fxfuse::attention", mutates_args=())
 def attention(
     q: Tensor,
     k: Tensor,
@@ -137,7 +136,10 @@ def _capped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], s
     return torch.matmul(probs, v).to(q.dtype)
 
 
-@attention.register_fake
+torch.library.custom_op("fxfuse::attention", attention, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::attention")
 def _(q, k, v, mask=None, scale=None, causal=False, softcap=None):
     _check_gqa(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -149,7 +151,6 @@ def _rms(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return y if weight is None else weight * y
 
 
-@torch.library.custom_op("fxfuse::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """RMSNorm over the last dim, computed in float32.
 
@@ -159,13 +160,15 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return _rms(x, weight, eps)
 
 
-@rms_norm.register_fake
+torch.library.custom_op("fxfuse::rms_norm", rms_norm, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::rms_norm")
 def _(x, weight, eps):
     dtype = x.dtype if weight is None else torch.promote_types(weight.dtype, x.dtype)
     return x.new_empty(x.shape, dtype=dtype)
 
 
-@torch.library.custom_op("fxfuse::add_rms_norm", mutates_args=())
 def add_rms_norm(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -174,7 +177,10 @@ def add_rms_norm(
     return _rms(s, weight, eps), s
 
 
-@add_rms_norm.register_fake
+torch.library.custom_op("fxfuse::add_rms_norm", add_rms_norm, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::add_rms_norm")
 def _(x, residual, weight, eps):
     s = x + residual
     dtype = s.dtype if weight is None else torch.promote_types(weight.dtype, s.dtype)
@@ -185,18 +191,19 @@ def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-@torch.library.custom_op("fxfuse::layer_norm", mutates_args=())
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased variance)."""
     return _ln(x, weight, bias, eps)
 
 
-@layer_norm.register_fake
+torch.library.custom_op("fxfuse::layer_norm", layer_norm, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::layer_norm")
 def _(x, weight, bias, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fxfuse::add_layer_norm", mutates_args=())
 def add_layer_norm(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -205,7 +212,10 @@ def add_layer_norm(
     return _ln(s, weight, bias, eps), s
 
 
-@add_layer_norm.register_fake
+torch.library.custom_op("fxfuse::add_layer_norm", add_layer_norm, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::add_layer_norm")
 def _(x, residual, weight, bias, eps):
     s = x + residual
     return torch.empty_like(s), s
@@ -221,20 +231,21 @@ def _activation(x: Tensor, activation: str) -> Tensor:
     raise ValueError(f"fxfuse.gated_mlp_act: activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
 
 
-@torch.library.custom_op("fxfuse::gated_mlp_act", mutates_args=())
 def gated_mlp_act(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     """act(gate) * up, with act one of "silu", "gelu" (erf) or "gelu_tanh"."""
     return _activation(gate, activation) * up
 
 
-@gated_mlp_act.register_fake
+torch.library.custom_op("fxfuse::gated_mlp_act", gated_mlp_act, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::gated_mlp_act")
 def _(gate, up, activation):
     if activation not in GATED_ACTIVATIONS:
         raise ValueError(f"fxfuse.gated_mlp_act: activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
     return torch.empty_like(gate * up)
 
 
-@torch.library.custom_op("fxfuse::gelu", mutates_args=())
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """GELU: x·Φ(x) ("none", erf form), 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) ("tanh"),
     or x·σ(1.702·x) ("sigmoid", the quick GELU of CLIP)."""
@@ -245,7 +256,10 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return F.gelu(x, approximate=approximate)
 
 
-@gelu.register_fake
+torch.library.custom_op("fxfuse::gelu", gelu, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::gelu")
 def _(x, approximate="none"):
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"fxfuse.gelu: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
@@ -276,7 +290,6 @@ def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("fxfuse::rope", mutates_args=())
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> tuple[Tensor, Tensor]:
     """Rotary position embedding applied to q and k; returns (q', k').
 
@@ -291,7 +304,10 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fal
     return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
 
 
-@rope.register_fake
+torch.library.custom_op("fxfuse::rope", rope, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::rope")
 def _(q, k, cos, sin, interleaved=False):
     _check_rope(q, k, cos, sin)
     return torch.empty_like(q * cos[..., :1]), torch.empty_like(k * cos[..., :1])
@@ -308,6 +324,9 @@ OPS = {
     "rope": torch.ops.fxfuse.rope.default,
 }
 """Every dialect op by its short name."""
+
+REFERENCE = {name: globals()[name] for name in OPS}
+"""Every dialect op's reference implementation (a plain function: calling it skips the dispatcher)."""
 
 
 def is_dialect_op(target: object) -> bool:

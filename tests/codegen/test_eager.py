@@ -1,0 +1,152 @@
+"""The eager back end: direct reference calls, oneDNN linears with fused epilogues, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import fxfuse
+from fxfuse.codegen import eager
+from fxfuse.ir.dialect import OPS, REFERENCE
+from fxfuse.passes.manager import NumericsError
+from tests.helpers import count
+from tests.zoo.models import LAYERS, ZOO
+
+needs_onednn = pytest.mark.skipif(not eager.onednn_available(), reason="this PyTorch build has no oneDNN")
+# The epilogue each architecture's MLP gets, one per layer.
+EPILOGUES = {"bert": "linear+gelu", "opt": "linear+relu", "llama": "gated_linear(silu)"}
+
+
+def _zoo(name):
+    return next(m for m in ZOO if m.name == name)
+
+
+def _onednn_calls(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::_linear_pointwise"))
+
+
+@pytest.fixture(scope="module", params=sorted(EPILOGUES))
+def optimized(request):
+    zoo = _zoo(request.param)
+    model = zoo.build("eager")
+    return zoo, model, fxfuse.optimize(model, example_kwargs=zoo.inputs(2, 9), backend="eager")
+
+
+@needs_onednn
+def test_every_linear_is_lowered_with_its_epilogue(optimized):
+    zoo, _, opt = optimized
+    lowered = opt.report.lowered
+    assert lowered[EPILOGUES[zoo.name]] == LAYERS
+    gemms = sum(n * (2 if kind.startswith("gated") else 1) for kind, n in lowered.items())
+    assert gemms == count(opt.graph_module, torch.ops.aten.linear.default)
+    program_code = opt.program.graph_module.code
+    assert "torch.ops.aten.linear" not in program_code and "torch.ops.fxfuse" not in program_code
+    assert "lowered by the eager back end" in str(opt.report)
+
+
+@needs_onednn
+def test_lowered_program_matches_the_model_at_another_shape(optimized):
+    zoo, model, opt = optimized
+    other = zoo.inputs(3, 13, seed=1)
+    with torch.no_grad():
+        expected = model(**other).last_hidden_state
+        got = opt(**other).last_hidden_state
+        calls = _onednn_calls(lambda: opt(**other))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    gated = sum(n for kind, n in opt.report.lowered.items() if kind.startswith("gated"))
+    assert calls == sum(opt.report.lowered.values()) + gated  # a gated MLP is two oneDNN GEMMs
+
+
+@needs_onednn
+def test_autograd_runs_the_aten_path_and_gets_the_same_gradients(optimized):
+    zoo, model, opt = optimized
+    inputs = zoo.inputs(2, 7, seed=2)
+    params = dict(opt.graph_module.named_parameters())
+    assert params and all(p.requires_grad for p in params.values())
+    with torch.enable_grad():
+        calls = _onednn_calls(lambda: opt(**inputs).last_hidden_state.square().sum().backward())
+        model(**inputs).last_hidden_state.square().sum().backward()
+    assert calls == 0
+    weight = next(name for name in params if name.endswith("weight") and params[name].dim() == 2)
+    original = dict(model.named_parameters())[weight.replace("graph_module.", "")]
+    torch.testing.assert_close(params[weight].grad, original.grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("act,algorithm,reference", [
+    ("none", "", lambda y: y),
+    ("gelu", "none", F.gelu),
+    ("gelu", "tanh", lambda y: F.gelu(y, approximate="tanh")),
+    ("relu", "", F.relu),
+    ("swish", "", F.silu),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_aten(act, algorithm, reference, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=g).to(dtype)
+    w, b = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    with torch.no_grad():
+        assert _onednn_calls(lambda: eager.linear(x, w, b, act, algorithm)) == 1
+        got = eager.linear(x, w, b, act, algorithm)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, reference(F.linear(x.float(), w.float(), b.float())).to(dtype),
+                               rtol=tol, atol=tol)
+
+
+@needs_onednn
+def test_linear_falls_back_for_float16_and_float64():
+    for dtype in (torch.float16, torch.float64):
+        x, w = torch.randn(4, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype)
+        with torch.no_grad():
+            assert _onednn_calls(lambda: eager.linear(x, w, None, "relu")) == 0
+            torch.testing.assert_close(eager.linear(x, w, None, "relu"), F.relu(F.linear(x, w)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_gated_linear_matches_the_dialect_op(activation):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 16, generator=g)
+    wg, wu, bu = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g), torch.randn(32, generator=g)
+    expected = REFERENCE["gated_mlp_act"](F.linear(x, wg), F.linear(x, wu, bu), activation)
+    with torch.no_grad():
+        assert _onednn_calls(lambda: eager.gated_linear(x, wg, None, x, wu, bu, activation)) == 2
+        torch.testing.assert_close(eager.gated_linear(x, wg, None, x, wu, bu, activation), expected,
+                                   rtol=1e-5, atol=1e-5)
+        # up rows broadcast against gate rows: not one GEMM's output shape, so the reference runs
+        x_up = x[:1]
+        broadcast = REFERENCE["gated_mlp_act"](F.linear(x, wg), F.linear(x_up, wu, bu), activation)
+        assert _onednn_calls(lambda: eager.gated_linear(x, wg, None, x_up, wu, bu, activation)) == 0
+        torch.testing.assert_close(eager.gated_linear(x, wg, None, x_up, wu, bu, activation), broadcast)
+
+
+def test_without_onednn_the_program_calls_the_references_directly():
+    zoo = _zoo("llama")
+    opt = fxfuse.optimize(zoo.build("eager"), example_kwargs=zoo.inputs(2, 9), backend="eager")
+    program = eager.lower(opt.graph_module, onednn=False)
+    assert program.lowered == {}
+    targets = {n.target for n in program.graph_module.graph.nodes if n.op == "call_function"}
+    assert REFERENCE["attention"] in targets and OPS["attention"] not in targets
+    assert torch.ops.aten.linear.default in targets
+    other = {**zoo.inputs(1, 5, seed=3), **opt.fixed_kwargs}
+    with torch.no_grad():
+        torch.testing.assert_close(program(**other)[0], opt.graph_module(**other)[0])
+
+
+def test_a_back_end_that_breaks_numerics_is_refused_or_skipped(monkeypatch):
+    zoo = _zoo("bert")
+    model, example = zoo.build("eager"), zoo.inputs(2, 9)
+    real = REFERENCE["layer_norm"]
+    monkeypatch.setitem(REFERENCE, "layer_norm", lambda x, w, b, eps: real(x, w, b, eps) + 0.01)
+    with pytest.raises(NumericsError, match="eager back end's output differs"):
+        fxfuse.optimize(model, example_kwargs=example, backend="eager")
+    opt = fxfuse.optimize(model, example_kwargs=example, backend="eager", on_failure="skip")
+    assert opt.program is None and opt.report.lowered == {}
+    assert opt.report.skipped[-1].name == "codegen-eager"
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**example).last_hidden_state, model(**example).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)
