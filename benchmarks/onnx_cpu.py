@@ -15,6 +15,7 @@ graph optimizations (ORT_ENABLE_ALL):
   (d*) experiment: (d) with SkipLayerNormalization/SkipSimplifiedLayerNormalization/BiasGelu/FastGelu
        rewritten to Add + LayerNormalization/RMSNormalization/Gelu and ORT's re-fusion of them disabled
        (ORT's CPU kernels for those contrib ops are scalar loops; see the profile in the results).
+  (g)  the GEMM floor: the model's weight GEMMs alone (the ceiling on any fp32 rewrite's speed-up).
 
 All models use eager attention (the form ONNX Runtime's optimizer fuses). Latency: after warm-up, rounds
 in which every variant runs once unmeasured then ``--runs`` measured calls, variants interleaved; the
@@ -63,6 +64,7 @@ LABELS = {
     "d": "(d) fxfuse ort",
     "e": "(e) fxfuse onnx",
     "d*": "(d*) experiment",
+    "g": "(g) GEMM floor",
 }
 # ONNX op types that are fused blocks, by kind (any domain).
 KINDS = {
@@ -210,7 +212,40 @@ def export_variants(case: Case, model: torch.nn.Module, workdir: Path) -> tuple[
     attempt("e", lambda: fxfuse_export("onnx"))
     if "d" in files:
         attempt("d*", lambda: unfuse_cpu_slow_ops(files["d"], workdir / "d_star.onnx"))
+        attempt("g", lambda: gemm_floor(files["d"], workdir / "g.onnx"))
     return files, notes
+
+
+def gemm_floor(src: Path, dst: Path) -> Path:
+    """(g): the model's weight GEMMs alone, each fed by its own input; no attention, norms or activations.
+
+    Every MatMul/Gemm of ``src`` with a 2-D weight initializer and the packed QKV weight of every
+    contrib ``Attention`` becomes ``MatMul(x_K, W)`` with ``x_K`` a (tokens, K) graph input. Its
+    latency is what an fp32 graph built on ONNX Runtime's GEMM cannot go below, whatever it fuses.
+    """
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = []
+    for node in model.graph.node:
+        name = node.input[1] if len(node.input) > 1 else ""
+        if node.op_type in ("MatMul", "Gemm", "Attention") and name in inits and len(inits[name].dims) == 2:
+            k, n = inits[name].dims
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            weights.append((n, k) if node.op_type == "Gemm" and trans_b else (k, n))
+    helper, rng = onnx.helper, np.random.default_rng(0)
+    inputs = {k: helper.make_tensor_value_info(f"x_{k}", onnx.TensorProto.FLOAT, ["tokens", k])
+              for k, _ in weights}
+    nodes, initializers, outputs = [], [], []
+    for i, (k, n) in enumerate(weights):
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        initializers.append(onnx.numpy_helper.from_array(w, f"w_{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x_{k}", f"w_{i}"], [f"y_{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y_{i}", onnx.TensorProto.FLOAT, ["tokens", n]))
+    graph = helper.make_graph(nodes, "gemm_floor", list(inputs.values()), outputs, initializers)
+    floor = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(floor)
+    onnx.save(floor, str(dst))
+    return dst
 
 
 def unfuse_cpu_slow_ops(src: Path, dst: Path) -> Path:
@@ -309,10 +344,18 @@ def measure(case: Case, rounds: int, runs: int, profile: bool) -> dict[str, Any]
             try:
                 optimized_path = Path(tmp) / f"{key}.session.onnx"
                 sessions[key] = session(path, key, optimized_path=optimized_path)
-                feeds[key] = feeds_for(sessions[key], example)
-                error = max_rel_error(sessions[key], example, reference)
+                if key == "g":
+                    tokens = case.batch * case.seq
+                    feeds[key] = {i.name: np.random.default_rng(0).standard_normal((tokens, i.shape[1]))
+                                  .astype(np.float32) for i in sessions[key].get_inputs()}
+                    error = float("nan")
+                else:
+                    feeds[key] = feeds_for(sessions[key], example)
+                    error = max_rel_error(sessions[key], example, reference)
                 result["rows"][key] = {"file": fused_counts(path), "session": fused_counts(optimized_path),
                                        "error": error, "times": []}
+                if key == "g":
+                    result["rows"][key]["gemms"] = len(onnx.load(str(path), load_external_data=False).graph.node)
             except Exception as e:
                 notes[key] = f"ONNX Runtime: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
                 sessions.pop(key, None)
@@ -421,7 +464,10 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, zoo: list[st
         "target=\"ort\")`; (e) `fxfuse.export_onnx(target=\"onnx\")`; (d*) an experiment, not an fxfuse "
         "output: (d) with its SkipLayerNormalization / SkipSimplifiedLayerNormalization / BiasGelu / FastGelu "
         "rewritten as Add + LayerNormalization / RMSNormalization / Gelu, run with ORT's re-fusions "
-        f"({', '.join(REFUSIONS)}) disabled. All models use eager attention.",
+        f"({', '.join(REFUSIONS)}) disabled; (g) the GEMM floor: only the model's weight GEMMs (those of (d): "
+        "every MatMul/Gemm with a weight initializer and every Attention's packed QKV projection), each fed "
+        "by its own (tokens, K) input. (g)'s ratio is a ceiling: no fp32 graph whose GEMMs run on ONNX "
+        "Runtime's kernels can be faster than its GEMMs alone. All models use eager attention.",
         "- fused ops: ONNX nodes of each kind in the file (→ after ONNX Runtime's own session-level fusions, "
         "where that differs). *attention* counts Attention / MultiHeadAttention / GroupQueryAttention; *norm* "
         "(Skip)(Simplified)LayerNormalization, RMSNormalization, EmbedLayerNormalization; *rope* RotaryEmbedding; "
@@ -444,8 +490,11 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, zoo: list[st
                 counts = fmt_counts(row["file"])
                 if row["session"] != row["file"]:
                     counts += f" → {fmt_counts(row['session'])}"
+                if key == "g":
+                    counts = f"{row['gemms']} MatMuls, nothing else"
+                error = "-" if key == "g" else f"{row['error']:.1e}"
                 lines.append(f"| {LABELS[key]} | {row['median'] * 1e3:.1f} | {fastest / row['median']:.2f}× | "
-                             f"{counts} | {row['error']:.1e} |")
+                             f"{counts} | {error} |")
             elif key in res["notes"]:
                 lines.append(f"| {LABELS[key]} | - | - | {res['notes'][key]} | - |")
         lines.append("")
