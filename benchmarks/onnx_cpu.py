@@ -242,7 +242,7 @@ def gemm_floor(src: Path, dst: Path) -> Path:
         nodes.append(helper.make_node("MatMul", [f"x_{k}", f"w_{i}"], [f"y_{i}"]))
         outputs.append(helper.make_tensor_value_info(f"y_{i}", onnx.TensorProto.FLOAT, ["tokens", n]))
     graph = helper.make_graph(nodes, "gemm_floor", list(inputs.values()), outputs, initializers)
-    floor = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    floor = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=model.ir_version)
     onnx.checker.check_model(floor)
     onnx.save(floor, str(dst))
     return dst
