@@ -12,12 +12,15 @@ optimized module, ``_root``, as the Triton program does) in which
   with that activation as its epilogue; a ``fxfuse.gated_mlp_act`` whose gate
   and up inputs are single-use linears becomes :func:`gated_linear`: the gate
   GEMM with the activation epilogue, then the up GEMM with a multiply
-  epilogue, so the (tokens × intermediate) products are written once each.
+  epilogue, so the (tokens × intermediate) products are written once each;
+* each ``addmm(bias, x, w)`` with a 1-D bias (GPT-2's ``Conv1D``) calls
+  :func:`addmm`, the same linear on the transposed view of ``w``.
 
 :func:`linear` runs oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
 the kernel Inductor's CPU back end uses for linear + pointwise fusion) on CPU
 float32/bfloat16 tensors when no gradient is needed, and ``F.linear`` plus
-the activation otherwise (CUDA tensors, autograd, other dtypes), so the
+the activation otherwise (CUDA tensors, autograd, other dtypes, oneDNN
+turned off with ``torch.backends.mkldnn.flags(enabled=False)``), so the
 program computes the same thing everywhere. Why oneDNN: on the CPU this was
 tuned on (AMD EPYC, Zen 4, 2 threads) its fp32 GEMM ran 8-25% faster than the
 MKL sgemm behind ``F.linear`` at transformer shapes, and a fused SwiGLU 17%
@@ -62,6 +65,8 @@ def _activate(y: Tensor, act: str, algorithm: str) -> Tensor:
 
 
 def _onednn_ok(*tensors: Optional[Tensor]) -> bool:
+    if not torch.backends.mkldnn.enabled:  # the user turned oneDNN off (torch.backends.mkldnn.flags)
+        return False
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
     if any(t.device.type != "cpu" or t.dtype != dtype for t in present) or dtype not in _ONEDNN_DTYPES:
@@ -88,6 +93,20 @@ def gated_linear(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up:
         gate = torch.ops.mkldnn._linear_pointwise(x_gate, w_gate, b_gate, act, [], algorithm)
         return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, w_up, b_up, "mul")
     return REFERENCE["gated_mlp_act"](F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up), activation)
+
+
+def addmm(bias: Tensor, x: Tensor, weight_in_out: Tensor) -> Tensor:
+    """``torch.addmm(bias, x, weight_in_out)`` with a 1-D bias: a linear whose weight is stored (in, out),
+    as GPT-2's ``Conv1D`` keeps it; oneDNN reads the transposed view without a copy."""
+    return linear(x, weight_in_out.t(), bias)
+
+
+def _is_plain_addmm(node: fx.Node) -> bool:
+    """An ``addmm(bias, x, w)`` with a 1-D bias and the default alpha and beta."""
+    if node.target is not torch.ops.aten.addmm.default or len(node.args) != 3 or node.kwargs:
+        return False
+    bias = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    return isinstance(bias, Tensor) and bias.dim() == 1
 
 
 def _epilogue(node: fx.Node) -> Optional[tuple[str, str]]:
@@ -135,6 +154,9 @@ def _lower_linears(graph: fx.Graph) -> Counter:
         if node.op == "call_function" and node.target is _LINEAR:
             node.target = linear
             lowered["linear"] += 1
+        elif node.op == "call_function" and _is_plain_addmm(node):
+            node.target = addmm
+            lowered["addmm"] += 1
     return lowered
 
 

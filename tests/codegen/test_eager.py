@@ -98,12 +98,25 @@ def test_linear_matches_aten(act, algorithm, reference, dtype):
 
 
 @needs_onednn
-def test_linear_falls_back_for_float16_and_float64():
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() context warns on CPU
+def test_linear_falls_back_for_float16_float64_and_onednn_turned_off():
     for dtype in (torch.float16, torch.float64):
         x, w = torch.randn(4, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype)
         with torch.no_grad():
             assert _onednn_calls(lambda: eager.linear(x, w, None, "relu")) == 0
             torch.testing.assert_close(eager.linear(x, w, None, "relu"), F.relu(F.linear(x, w)))
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        assert _onednn_calls(lambda: eager.linear(x, w, None, "relu")) == 0
+        torch.testing.assert_close(eager.linear(x, w, None, "relu"), F.relu(F.linear(x, w)))
+
+
+@needs_onednn
+def test_linear_takes_a_transposed_weight_view():
+    x, w_in_out = torch.randn(5, 16), torch.randn(16, 12)  # Conv1D-style (in, out) storage
+    with torch.no_grad():
+        assert _onednn_calls(lambda: eager.linear(x, w_in_out.t())) == 1
+        torch.testing.assert_close(eager.linear(x, w_in_out.t()), x @ w_in_out, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
@@ -150,3 +163,18 @@ def test_a_back_end_that_breaks_numerics_is_refused_or_skipped(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(opt(**example).last_hidden_state, model(**example).last_hidden_state,
                                    rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_gpt2_conv1d_addmm_runs_on_onednn():
+    zoo = _zoo("gpt2")
+    model = zoo.build("eager")
+    opt = fxfuse.optimize(model, example_kwargs=zoo.inputs(2, 9), backend="eager")
+    addmms = count(opt.graph_module, torch.ops.aten.addmm.default)
+    assert addmms == 4 * LAYERS and opt.report.lowered["addmm"] == addmms  # c_attn, c_proj, c_fc, mlp c_proj
+    other = zoo.inputs(3, 13, seed=1)
+    with torch.no_grad():
+        expected = model(**other).last_hidden_state
+        got = opt(**other).last_hidden_state
+        assert _onednn_calls(lambda: opt(**other)) == addmms
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
