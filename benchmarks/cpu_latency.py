@@ -4,10 +4,10 @@ Run from the repository root (writes ``benchmarks/results/cpu-latency.md``):
 
     python benchmarks/cpu_latency.py [--repeats 30] [--threads 2]
 
-Models: all-MiniLM-L6-v2 with its trained weights (batch 4 × 128) and a
-LLaMA-style decoder of about 100M parameters with random weights (batch 1 ×
-512), each as ``transformers`` builds it by default (SDPA attention) and with
-eager attention. For each, three modules are called in turn in one process,
+Models: all-MiniLM-L6-v2 with its trained weights (batch 4 × 128), a
+LLaMA-style decoder of about 100M parameters and a GPT-2-style one of 124M
+with random weights (batch 1 × 512), each as ``transformers`` builds it by
+default (SDPA attention) and with eager attention. For each, three modules are called in turn in one process,
 after warm-up: the original; the fused graph run through the dispatcher on
 the dialect ops' reference implementations (fusion alone: the same ATen
 kernels as the model); and ``fxfuse.optimize()``'s result, whose eager back
@@ -73,7 +73,16 @@ def llama_100m(attn: str) -> torch.nn.Module:
     return transformers.AutoModel.from_config(config, attn_implementation=attn).eval()
 
 
-CASES = [Case("all-MiniLM-L6-v2", minilm, 4, 128, 30522), Case("LLaMA-style 100M", llama_100m, 1, 512, 32000)]
+def gpt2_124m(attn: str) -> torch.nn.Module:
+    """A GPT-2-style decoder of 124M parameters (GPT-2 small's shape), whose linears are ``Conv1D`` addmms."""
+    config = transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024, bos_token_id=0,
+                                     eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(config, attn_implementation=attn).eval()
+
+
+CASES = [Case("all-MiniLM-L6-v2", minilm, 4, 128, 30522), Case("LLaMA-style 100M", llama_100m, 1, 512, 32000),
+         Case("GPT-2-style 124M", gpt2_124m, 1, 512, 50257)]
 
 
 def inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
