@@ -89,13 +89,17 @@ def _simplify_mask(mask: Optional[Tensor], causal: bool, sq: int, sk: int) -> tu
     """
     if mask is None or causal:
         return mask, causal
-    # Every layer of a model reads the same mask tensor: analyse it once.
-    key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape), sq, sk)
-    if _LAST_MASK and _LAST_MASK[0] == key and _LAST_MASK[1]() is mask:
-        kind = _LAST_MASK[2]
-    else:
+    if mask.is_inference():
+        # No version counter would tell an in-place change apart: analyse on every call.
         kind = _mask_kind(mask, sq, sk)
-        _LAST_MASK[:] = [key, weakref.ref(mask), kind]
+    else:
+        # Every layer of a model reads the same mask tensor: analyse it once.
+        key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape), sq, sk)
+        if _LAST_MASK and _LAST_MASK[0] == key and _LAST_MASK[1]() is mask:
+            kind = _LAST_MASK[2]
+        else:
+            kind = _mask_kind(mask, sq, sk)
+            _LAST_MASK[:] = [key, weakref.ref(mask), kind]
     return {"none": (None, False), "causal": (None, True), "keep": (mask, False)}[kind]
 
 

@@ -178,3 +178,12 @@ def test_gpt2_conv1d_addmm_runs_on_onednn():
         got = opt(**other).last_hidden_state
         assert _onednn_calls(lambda: opt(**other)) == addmms
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_optimized_module_runs_under_inference_mode(optimized):
+    zoo, model, opt = optimized
+    other = zoo.inputs(2, 6, seed=4)
+    with torch.inference_mode():
+        expected = model(**other).last_hidden_state
+        got = opt(**other).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -706,3 +706,17 @@ def test_trivial_masks_are_handed_to_sdpa_as_its_fast_paths():
     alibi = torch.zeros(5, 5).masked_fill(~tril, float("-inf")) - torch.arange(5.0)
     assert _simplify_mask(alibi, False, 5, 5)[0] is alibi
     assert _simplify_mask(tril[:4], False, 4, 5)[0] is not None  # not square: not SDPA's top-left causal
+
+
+def test_attention_runs_under_inference_mode_and_sees_in_place_mask_changes():
+    """Inference tensors have no version counter: the mask is analysed on every call instead of cached."""
+    with torch.inference_mode():
+        q = torch.randn(1, 2, 4, 8)
+        mask = torch.zeros(1, 1, 4, 4)
+        no_mask = torch.ops.fxfuse.attention(q, q, q, mask)
+        torch.testing.assert_close(no_mask, torch.ops.fxfuse.attention(q, q, q))
+        mask[..., -1] = float("-inf")  # in place: same tensor, now hides the last key
+        hidden = torch.ops.fxfuse.attention(q, q, q, mask)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        torch.testing.assert_close(hidden, expected)
+        assert not torch.allclose(hidden, no_mask)
