@@ -130,7 +130,7 @@ def _linear_args(node: Any) -> Optional[tuple]:
 
 
 def _lower_linears(graph: fx.Graph) -> Counter:
-    """Route ``graph``'s linears to :func:`linear` / :func:`gated_linear`; returns what was lowered, by kind."""
+    """Route ``graph``'s linears and plain addmms to this module's functions; returns what was lowered, by kind."""
     lowered: Counter = Counter()
     for node in list(graph.nodes):
         if node.op != "call_function":
