@@ -30,15 +30,15 @@ measures the whole models).
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from fxfuse.codegen.program import graph_reading_root, module_reading_root
 from fxfuse.ir.dialect import OPS, REFERENCE
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -170,19 +170,14 @@ class EagerProgram:
     """
 
     def __init__(self, gm: fx.GraphModule, onednn: bool | None = None) -> None:
-        graph = copy.deepcopy(gm.graph)
+        graph = graph_reading_root(gm)
         use_onednn = onednn_available() if onednn is None else onednn
         self.lowered = dict(sorted(_lower_linears(graph).items())) if use_onednn else {}
         by_target = {op: REFERENCE[name] for name, op in OPS.items()}
         for node in graph.nodes:
-            if node.op in ("get_attr", "call_module"):
-                node.target = f"_root.{node.target}"
-            elif node.op == "call_function" and node.target in by_target:
+            if node.op == "call_function" and node.target in by_target:
                 node.target = by_target[node.target]
-        holder = nn.Module()
-        holder._root = gm
-        self.graph_module = fx.GraphModule(holder, graph, class_name="EagerLowered")
-        self.graph_module._root = gm  # read through the optimized module, not copies of its tables
+        self.graph_module = module_reading_root(gm, graph, "EagerLowered")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **kwargs)

@@ -30,7 +30,6 @@ Rope runs in place when that is safe: the rotated tensors are fresh values
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 import importlib
 import logging
@@ -42,8 +41,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from torch import nn
 
+from fxfuse.codegen.program import graph_reading_root, module_reading_root
 from fxfuse.ir.dialect import OPS
 
 logger = logging.getLogger(__name__)
@@ -340,20 +339,15 @@ class TritonProgram:
         self.fallbacks: list[tuple[str, str]] = []
         self._seen: set[tuple[str, str]] = set()
         self.lowerings: dict[str, Lowering] = {}
-        graph = copy.deepcopy(gm.graph)
+        graph = graph_reading_root(gm)
         for node in graph.nodes:
-            if node.op in ("get_attr", "call_module"):
-                node.target = f"_root.{node.target}"
-            elif node.op == "call_function" and node.target in _BY_TARGET:
+            if node.op == "call_function" and node.target in _BY_TARGET:
                 lowering = _LOWERINGS[_BY_TARGET[node.target]](_BY_TARGET[node.target], node, self)
                 if lowering.static_reason is not None:
                     self.fell_back(lowering, lowering.static_reason)
                 self.lowerings[node.name] = lowering
                 node.target = lowering
-        holder = nn.Module()
-        holder._root = gm
-        self.graph_module = fx.GraphModule(holder, graph, class_name="TritonLowered")
-        self.graph_module._root = gm  # read through the optimized module, not copies of its tables
+        self.graph_module = module_reading_root(gm, graph, "TritonLowered")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(*args, **kwargs)
