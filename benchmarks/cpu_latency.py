@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import fxfuse  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from fxfuse.ir.numerics import compare  # noqa: E402
 
 COMMAND = "python benchmarks/cpu_latency.py"
@@ -146,17 +147,6 @@ def render(rows: list[dict[str, Any]], repeats: int, threads: int) -> str:
             f"{r['lowered']} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

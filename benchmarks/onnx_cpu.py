@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import fxfuse  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from fxfuse.onnx_export import onnx_pipeline  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "onnx-cpu.md"
@@ -430,16 +431,6 @@ def zoo_table() -> list[str]:
     return lines
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(results: list[dict[str, Any]], args: argparse.Namespace, zoo: list[str] | None, load: tuple,
            seconds: float) -> str:
     versions = (f"python {platform.python_version()}, torch {torch.__version__}, transformers "
@@ -451,7 +442,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, zoo: list[st
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command (from the repository "
         f"root): `python benchmarks/onnx_cpu.py --rounds {args.rounds} --runs {args.runs}"
         f"{' --zoo' if zoo else ''}` ({seconds / 60:.0f} min)",
-        f"- machine: {_cpu_name()}, {os.cpu_count()} CPUs (shared: load average {load[0]:.1f} before, "
+        f"- machine: {cpu_name()}, {os.cpu_count()} CPUs (shared: load average {load[0]:.1f} before, "
         f"{load[1]:.1f} after the run); ONNX Runtime CPU provider, {THREADS} intra-op threads, default graph "
         "optimizations (ORT_ENABLE_ALL)",
         f"- versions: {versions}",
