@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxfuse.ir.dialect as dialect  # noqa: F401  (registers torch.ops.fxfuse.*)
+from tests.kernels.refs import ref_rotate
 
 ops = torch.ops.fxfuse
 
@@ -101,24 +102,6 @@ def ref_quick_gelu(x):
 def ref_silu(x):
     xd = x.double()
     return (xd / (1.0 + torch.exp(-xd))).to(x.dtype)
-
-
-def ref_rotate(x, cos, sin, interleaved):
-    """x' = x*cos + rot(x)*sin on the first R dims; the rest pass through."""
-    R = cos.shape[-1]
-    xd = x.double()
-    xr = xd[..., :R]
-    rot = torch.empty_like(xr)
-    if interleaved:
-        rot[..., 0::2] = -xr[..., 1::2]
-        rot[..., 1::2] = xr[..., 0::2]
-    else:
-        h = R // 2
-        rot[..., :h] = -xr[..., h:]
-        rot[..., h:] = xr[..., :h]
-    out = xr * cos.double() + rot * sin.double()
-    out = torch.cat([out, xd[..., R:].expand(*out.shape[:-1], -1)], dim=-1)
-    return out.to(torch.promote_types(x.dtype, cos.dtype))
 
 
 # --------------------------------------------------------------------------

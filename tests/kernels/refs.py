@@ -1,4 +1,4 @@
-"""float64 references for the kernel tests, written from the dialect docstrings, and tolerances."""
+"""float64 references for the kernel and dialect tests, written from the dialect docstrings, and tolerances."""
 
 from __future__ import annotations
 
@@ -56,3 +56,21 @@ def assert_close(actual, expected, dtype=None):
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+def ref_rotate(x, cos, sin, interleaved):
+    """x' = x*cos + rot(x)*sin on the first R dims; the rest pass through."""
+    R = cos.shape[-1]
+    xd = x.double()
+    xr = xd[..., :R]
+    rot = torch.empty_like(xr)
+    if interleaved:
+        rot[..., 0::2] = -xr[..., 1::2]
+        rot[..., 1::2] = xr[..., 0::2]
+    else:
+        h = R // 2
+        rot[..., :h] = -xr[..., h:]
+        rot[..., h:] = xr[..., :h]
+    out = xr * cos.double() + rot * sin.double()
+    out = torch.cat([out, xd[..., R:].expand(*out.shape[:-1], -1)], dim=-1)
+    return out.to(torch.promote_types(x.dtype, cos.dtype))

@@ -7,23 +7,9 @@ import torch
 
 import fxfuse  # noqa: F401
 from fxfuse.kernels import rope
-from tests.kernels.refs import DTYPES, ON_GPU, assert_close, rand
+from tests.kernels.refs import DTYPES, ON_GPU, assert_close, rand, ref_rotate
 
 ops = torch.ops.fxfuse
-
-
-def ref_rotate(x, cos, sin, interleaved):
-    R = cos.shape[-1]
-    xd = x.double()
-    xr = xd[..., :R]
-    rot = torch.empty_like(xr)
-    if interleaved:
-        rot[..., 0::2], rot[..., 1::2] = -xr[..., 1::2], xr[..., 0::2]
-    else:
-        rot[..., : R // 2], rot[..., R // 2:] = -xr[..., R // 2:], xr[..., : R // 2]
-    out = xr * cos.double() + rot * sin.double()
-    out = torch.cat([out, xd[..., R:].expand(*out.shape[:-1], -1)], dim=-1)
-    return out.to(torch.promote_types(x.dtype, cos.dtype))
 
 
 def cos_sin(*shape, seed=0, dtype=torch.float32):
