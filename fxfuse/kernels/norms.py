@@ -46,6 +46,21 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+@triton.jit
+def _rows_in_f32(X, R, S, rows64, cols, ok, stride_x, stride_r, stride_s, HAS_RESIDUAL: tl.constexpr):
+    """The rows to normalize, in float32: x, or s = x + residual, which is also stored to S."""
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=ok, other=0.0)
+        # s = x + residual, rounded to its dtype as torch does; the norm reads the rounded s.
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=ok)
+        xf = s.to(tl.float32)
+    else:
+        xf = x.to(tl.float32)
+    return xf
+
+
 @tuned(_configs(), key=["N_BUCKET", "HAS_RESIDUAL"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _rms_norm_fwd_kernel(
@@ -60,15 +75,7 @@ def _rms_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     ok = (rows[:, None] < M) & (cols[None, :] < N)
     rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=ok, other=0.0)
-        # s = x + residual, rounded to its dtype as torch does; the norm reads the rounded s.
-        s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=ok)
-        xf = s.to(tl.float32)
-    else:
-        xf = x.to(tl.float32)
+    xf = _rows_in_f32(X, R, S, rows64, cols, ok, stride_x, stride_r, stride_s, HAS_RESIDUAL)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / N + eps)
     y = xf * rstd[:, None]
     if HAS_WEIGHT:
@@ -93,14 +100,7 @@ def _layer_norm_fwd_kernel(
     col_ok = cols[None, :] < N
     ok = (rows[:, None] < M) & col_ok
     rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=ok, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=ok, other=0.0)
-        s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=ok)
-        xf = s.to(tl.float32)
-    else:
-        xf = x.to(tl.float32)
+    xf = _rows_in_f32(X, R, S, rows64, cols, ok, stride_x, stride_r, stride_s, HAS_RESIDUAL)
     mean = tl.sum(xf, axis=1) / N
     xc = tl.where(col_ok, xf - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / N  # biased, as F.layer_norm
@@ -145,44 +145,37 @@ def _prepare(name: str, x: torch.Tensor, residual: torch.Tensor | None, params: 
     return x, residual, s_dtype
 
 
-def _launch_rms(x, weight, eps, residual):
-    x, residual, s_dtype = _prepare("rms_norm", x, residual, (weight,))
+def _launch(kernel, x: torch.Tensor, residual: torch.Tensor | None, params: tuple, eps: float,
+            s_dtype: torch.dtype, y_dtype: torch.dtype, **flags):
+    """Run a norm kernel over the rows of ``x`` (and ``residual``); ``(y, s)`` with a residual, else ``y``."""
     n = x.shape[-1]
-    out_dtype = s_dtype if weight is None else torch.promote_types(weight.dtype, s_dtype)
     x2 = _rows(x, n)
     r2 = None if residual is None else _rows(residual, n)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
     s = None if residual is None else torch.empty(x.shape, dtype=s_dtype, device=x.device)
     m = x2.shape[0]
     if m:
         y2, s2 = y.view(-1, n), (None if s is None else s.view(-1, n))
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-        _rms_norm_fwd_kernel[grid](
-            x2, r2, weight, y2, s2, m, n, float(eps),
+        kernel[grid](
+            x2, r2, *params, y2, s2, m, n, float(eps),
             x2.stride(0), 0 if r2 is None else r2.stride(0), y2.stride(0), 0 if s2 is None else s2.stride(0),
-            bucket(n), HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, BLOCK_N=next_pow2(n),
+            bucket(n), HAS_RESIDUAL=residual is not None, BLOCK_N=next_pow2(n), **flags,
         )
     return y if residual is None else (y, s)
+
+
+def _launch_rms(x, weight, eps, residual):
+    x, residual, s_dtype = _prepare("rms_norm", x, residual, (weight,))
+    y_dtype = s_dtype if weight is None else torch.promote_types(weight.dtype, s_dtype)
+    return _launch(_rms_norm_fwd_kernel, x, residual, (weight,), eps, s_dtype, y_dtype,
+                   HAS_WEIGHT=weight is not None)
 
 
 def _launch_ln(x, weight, bias, eps, residual):
     x, residual, s_dtype = _prepare("layer_norm", x, residual, (weight, bias))
-    n = x.shape[-1]
-    x2 = _rows(x, n)
-    r2 = None if residual is None else _rows(residual, n)
-    y = torch.empty(x.shape, dtype=s_dtype, device=x.device)
-    s = None if residual is None else torch.empty(x.shape, dtype=s_dtype, device=x.device)
-    m = x2.shape[0]
-    if m:
-        y2, s2 = y.view(-1, n), (None if s is None else s.view(-1, n))
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-        _layer_norm_fwd_kernel[grid](
-            x2, r2, weight, bias, y2, s2, m, n, float(eps),
-            x2.stride(0), 0 if r2 is None else r2.stride(0), y2.stride(0), 0 if s2 is None else s2.stride(0),
-            bucket(n), HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, BLOCK_N=next_pow2(n),
-        )
-    return y if residual is None else (y, s)
+    return _launch(_layer_norm_fwd_kernel, x, residual, (weight, bias), eps, s_dtype, s_dtype,
+                   HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None):
