@@ -4,9 +4,10 @@ The optimized graph module is exported with ``torch.onnx.export(dynamo=True)``;
 each fxfuse op is translated by ``fxfuse.codegen.onnx`` (ONNX Runtime's
 contrib ops for ``target="ort"``, standard opset-23 ops for ``"onnx"``). The
 file is written to a temporary name next to ``path``, checked with
-``onnx.checker``, run in ONNX Runtime on the example inputs and on inputs of
-another batch size and sequence length, compared with the PyTorch module,
-and only then moved to ``path``. Any failure raises ``OnnxExportError`` and
+``onnx.checker``, run in ONNX Runtime on the example inputs and on the
+probes derived from them (``fxfuse.ir.inputs``: padded masks, another batch
+size and sequence length), compared with the PyTorch module, and only then
+moved to ``path``. Any failure raises ``OnnxExportError`` and
 leaves nothing at ``path``.
 """
 
@@ -31,8 +32,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxfuse.api import OptimizedModule, optimize
+from fxfuse.api import OptimizedModule, check_example, optimize
+from fxfuse.errors import FxfuseError, InputError
 from fxfuse.ir.capture import default_dynamic_shapes
+from fxfuse.ir.inputs import derive_probes, grown_sizes, standalone
 from fxfuse.ir.numerics import compare
 from fxfuse.passes import DEFAULT_PIPELINE
 
@@ -43,7 +46,7 @@ TARGETS = ("ort", "onnx")
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(FxfuseError, RuntimeError):
     """The model could not be exported or its ONNX file did not validate; nothing was written at the path."""
 
 
@@ -139,9 +142,9 @@ def export_onnx(
     ``target="onnx"`` standard opset-23 ops only. With ``dynamic`` the batch
     and sequence dims (dims 0 and 1 of each input) stay dynamic. With
     ``validate`` the file is checked with ``onnx.checker`` and run in ONNX
-    Runtime on the example and on an input of another batch size and
-    sequence length (ONNX Runtime's CUDA provider when present, else the
-    CPU's); outputs must match PyTorch's within the dtype-aware tolerance of
+    Runtime on the example and on the probes ``optimize()`` validates with
+    (padded masks, redrawn inputs, another batch size and sequence length;
+    ONNX Runtime's CUDA provider when present, else the CPU's); outputs must match PyTorch's within the dtype-aware tolerance of
     ``fxfuse.ir.numerics``. ``passes`` defaults to ``onnx_pipeline()``.
     ``model`` may also be an ``OptimizedModule`` (it is then not optimized
     again and is itself the reference). Raises ``OnnxExportError`` naming the
@@ -149,29 +152,27 @@ def export_onnx(
     any failure nothing is left at ``path``.
     """
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        raise InputError(f"target must be one of {TARGETS}, got {target!r}")
     import onnx
 
     from fxfuse.codegen.onnx import OPSET, count_fused_ops, count_onnx_ops
 
     start = time.perf_counter()
-    kwargs = dict(example_kwargs or {})
-    args = tuple(example_args)
-    if isinstance(model, OptimizedModule):
-        opt = model
-    else:
-        shapes = None if dynamic else _static_shapes(model, args, kwargs)
-        opt = optimize(model, args, kwargs, passes=passes if passes is not None else onnx_pipeline(),
-                       validate=validate, dynamic_shapes=shapes)
-    kwargs = {**opt.fixed_kwargs, **kwargs}
-    with torch.no_grad():
-        reference = (model if not isinstance(model, OptimizedModule) else opt)(*args, **kwargs)
-    output_names = _output_names(reference)
-
+    check_example(example_args, example_kwargs)
+    args, kwargs = standalone(tuple(example_args), dict(example_kwargs or {}))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    workdir = _workdir(path)
     try:
+        if isinstance(model, OptimizedModule):
+            opt = model
+        else:
+            shapes = None if dynamic else _static_shapes(model, args, kwargs)
+            opt = optimize(model, args, kwargs, passes=passes if passes is not None else onnx_pipeline(),
+                           validate=validate, dynamic_shapes=shapes)
+        kwargs = {**kwargs, **opt.fixed_kwargs}  # in the order the graph was captured with
+        with torch.no_grad():
+            reference = (model if not isinstance(model, OptimizedModule) else opt)(*args, **kwargs)
+        output_names = _output_names(reference)
         staged = workdir / path.name
         program = _export(opt, args, kwargs, target, dynamic, output_names)
         _save(program, staged)
@@ -185,12 +186,30 @@ def export_onnx(
         if validate:
             _validate(staged, onnx_model, model if not isinstance(model, OptimizedModule) else opt,
                       opt.graph_module, args, kwargs, reference, result)
-        for item in workdir.iterdir():
-            os.replace(item, path.parent / item.name)
+        _publish(workdir, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _workdir(path: Path) -> Path:
+    """A fresh folder next to ``path`` to write into; ``OnnxExportError`` when that place is not writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise OnnxExportError(f"cannot write the ONNX file to {path}: {e.strerror or e}; choose a writable path") from e
+
+
+def _publish(workdir: Path, path: Path) -> None:
+    """Move the staged files to their place, the model file last (its weights file, if any, is there first)."""
+    staged = sorted(workdir.iterdir(), key=lambda item: item.name == path.name)
+    try:
+        for item in staged:
+            os.replace(item, path.parent / item.name)
+    except OSError as e:
+        raise OnnxExportError(f"cannot move the ONNX file to {path}: {e.strerror or e}") from e
 
 
 def onnx_pipeline() -> list[str]:
@@ -348,18 +367,6 @@ def _tensor_leaves(outputs: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor)]
 
 
-def _dynamic_dims(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
-    """The batch/sequence dims (0, 1) of each input that the optimized graph keeps symbolic."""
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
-    out = {}
-    for node in gm.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor):
-            out[node.name] = [d for d in range(min(value.dim(), 2)) if not is_concrete_int(value.shape[d])]
-    return out
-
-
 def _validate(staged: Path, onnx_model: Any, module: nn.Module, graph_module: torch.fx.GraphModule, args: tuple,
               kwargs: dict, reference: Any, result: OnnxExport) -> None:
     import onnx
@@ -375,11 +382,12 @@ def _validate(staged: Path, onnx_model: Any, module: nn.Module, graph_module: to
     result.provider = session.get_providers()[0]
     names = [i.name for i in session.get_inputs()]
     cases = [("example", args, kwargs, reference)]
-    other = _other_shape(module, args, kwargs, _dynamic_dims(graph_module))
-    if other is not None:
-        other_args, other_kwargs, label = other
-        with torch.no_grad():
-            cases.append((label, other_args, other_kwargs, module(*other_args, **other_kwargs)))
+    for probe in derive_probes(args, kwargs, grown_sizes(graph_module, args, kwargs)):
+        try:
+            with torch.no_grad():
+                cases.append((probe.label, probe.args, probe.kwargs, module(*probe.args, **probe.kwargs)))
+        except Exception:
+            continue  # optimize() noted that the model does not take this probe
     worst = 0.0
     for label, case_args, case_kwargs, ref in cases:
         feeds = _feeds(module, case_args, case_kwargs, names)
@@ -426,35 +434,3 @@ def _feeds(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> di
     if len(tensors) != len(names):
         raise OnnxExportError(f"cannot map the inputs to the ONNX inputs {names}")
     return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
-
-
-def _resize(t: torch.Tensor, dims: list[int], grow: dict[int, int]) -> torch.Tensor:
-    """t tiled (or cut) along ``dims`` to the new sizes: padding patterns and token ids stay realistic."""
-    for d in dims:
-        new = t.shape[d] + grow[d]
-        index = torch.arange(new) % t.shape[d]
-        t = t.index_select(d, index)
-    return t
-
-
-def _other_shape(module: nn.Module, args: tuple, kwargs: dict,
-                 dynamic_dims: dict[str, list[int]]) -> tuple[tuple, dict, str] | None:
-    """The example with every dynamic batch dim one larger and sequence dim three longer, or None if none is dynamic."""
-    flat = _flat_inputs(module, args, kwargs)
-    by_id = {id(t): dynamic_dims.get(name, []) for name, t in flat.items()}
-    if not any(by_id.values()):
-        return None
-    grow = {0: 1, 1: 3}
-    sizes: dict[int, tuple[int, int]] = {}
-
-    def resize(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and by_id.get(id(x)):
-            dims = by_id[id(x)]
-            for d in dims:
-                sizes.setdefault(d, (x.shape[d], x.shape[d] + grow[d]))
-            return _resize(x, dims, grow)
-        return x
-
-    new_args, new_kwargs = pytree.tree_map(resize, (args, kwargs))
-    label = " × ".join(f"{'batch' if d == 0 else 'sequence'} {a}→{b}" for d, (a, b) in sorted(sizes.items()))
-    return tuple(new_args), new_kwargs, label

@@ -27,6 +27,9 @@ class Report:
     ``ops`` counts the fused dialect ops in the graph; ``lowered`` counts what
     the back end's lowering did beyond them (the eager back end's oneDNN
     linears with fused epilogues, the Triton back end's kernels), by kind.
+    ``validated_on`` names the inputs the final program was checked on (each
+    pass's own list is in its ``PassResult``); ``max_error`` is the worst
+    relative error over them.
     """
 
     model: str
@@ -37,6 +40,7 @@ class Report:
     max_error: float | None = None
     lowered: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    validated_on: list[str] = field(default_factory=list)
 
     @property
     def rejections(self) -> list[Rejection]:
@@ -66,6 +70,8 @@ class Report:
             lines.append(f"lowered by the {self.backend} back end: {lowered}")
         if self.max_error is not None:
             lines.append(f"max relative output error vs the original model: {self.max_error:.2e}")
+        if self.validated_on:
+            lines.append(f"validated on: {'; '.join(self.validated_on)}")
         if self.rejections:
             lines.append("not fused:")
             lines += [f"  - {r}" for r in self.rejections]

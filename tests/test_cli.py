@@ -47,7 +47,7 @@ def test_export_onnx_from_a_callable(builders, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and out.exists()
     assert "com.microsoft::Attention×1" in printed and "validated with ONNX Runtime" in printed
-    assert "batch 2→3 × sequence 8→11" in printed
+    assert "padded/rescaled at 2×8 → 3×11" in printed
 
 
 def test_standard_target_and_explicit_inputs(builders, capsys):
@@ -56,7 +56,7 @@ def test_standard_target_and_explicit_inputs(builders, capsys):
                  "--input", "input_ids=3x5", "--input", "attention_mask=3x5:int64"])
     printed = capsys.readouterr().out
     assert code == 0 and out.exists()
-    assert "Attention×1" in printed and "com.microsoft" not in printed and "batch 3→4 × sequence 5→8" in printed
+    assert "Attention×1" in printed and "com.microsoft" not in printed and "padded/rescaled at 3×5 → 4×8" in printed
 
 
 def test_a_model_that_cannot_be_exported_fails_cleanly(builders, capsys):

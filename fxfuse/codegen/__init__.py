@@ -16,6 +16,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from fxfuse.errors import InputError
+
 BACKENDS = ("auto", "eager", "triton")
 
 
@@ -34,10 +36,10 @@ def resolve_backend(backend: str, tensors: Iterable[Any] = ()) -> str:
     and "eager" otherwise.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
         if not triton_available():
-            raise ImportError(
+            raise InputError(
                 "backend='triton' needs Triton: pip install 'fxfuse[triton]' (or use backend='eager')"
             )
         return "triton"

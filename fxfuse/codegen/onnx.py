@@ -42,6 +42,8 @@ import torch
 from onnxscript import opset23 as op
 from onnxscript import values
 
+from fxfuse.errors import FxfuseError, InputError
+
 TARGETS = ("ort", "onnx")
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
@@ -66,7 +68,7 @@ FUSED_OPS: dict[str, dict[str, set[tuple[str, str]]]] = {
 }
 
 
-class OnnxLoweringError(RuntimeError):
+class OnnxLoweringError(FxfuseError, RuntimeError):
     """A dialect op that a target cannot express; names the op and the reason."""
 
     def __init__(self, op_name: str, reason: str) -> None:
@@ -82,7 +84,7 @@ def translation_table(target: str) -> dict[Any, Callable]:
     elif target == "onnx":
         from fxfuse.codegen import onnx_std as lowering
     else:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        raise InputError(f"target must be one of {TARGETS}, got {target!r}")
     ops = torch.ops.fxfuse
     return {
         **third_party_translations(),

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxfuse.errors import FxfuseError
 from fxfuse.ir.dialect import is_dialect_op
 from fxfuse.ir.meta import fake_mode_of, val
 
 
-class VerificationError(RuntimeError):
+class VerificationError(FxfuseError, RuntimeError):
     """The graph breaks an IR invariant; the message names the node."""
 
 

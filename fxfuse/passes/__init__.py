@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fxfuse.errors import InputError
 from fxfuse.passes.canonicalize import canonicalize
 from fxfuse.passes.cse import cse
 from fxfuse.passes.dce import dce
@@ -62,7 +63,7 @@ def resolve(names: list[str]) -> list[tuple[str, Pass]]:
     """The passes for ``names``, in order; unknown names raise with the list of known ones."""
     unknown = [n for n in names if n not in PASSES]
     if unknown:
-        raise ValueError(f"unknown pass(es) {unknown}; known passes: {sorted(PASSES)}")
+        raise InputError(f"unknown pass(es) {unknown}; known passes: {sorted(PASSES)}")
     return [(n, PASSES[n]) for n in names]
 
 

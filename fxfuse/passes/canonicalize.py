@@ -6,7 +6,11 @@ Rewrites, applied until none fires:
   → their out-of-place form;
 * drop ``_assert_tensor_metadata`` checks (export's dtype asserts on ``.to``);
 * drop no-op conversions and copies (``to``/``_to_copy``/``type_as`` to the
-  same dtype and device, ``contiguous``, ``alias``, ``detach``);
+  same dtype and device, ``clone``, ``contiguous``, ``alias``, ``detach``);
+* softmax in one spelling: ``_softmax(x, d, half_to_float)`` and
+  ``softmax(x, d, dtype)`` → ``softmax(x', d)`` with ``x'`` cast to the
+  dtype first (what the dtype argument means); ``_safe_softmax`` likewise
+  keeps its name (it differs on rows that are all -inf);
 * drop full slices (``x[:, 0:]``) and ``expand`` to the same shape;
 * ``transpose``/``t`` → ``permute``; chains of permutes → one; identity → gone;
 * ``view`` → ``reshape``; ``reshape`` to the same shape → gone;
@@ -146,6 +150,24 @@ def div_by_constant(node: fx.Node, b: Builder) -> fx.Node | None:
     return out
 
 
+def softmax_dtype_as_cast(node: fx.Node, b: Builder) -> fx.Node | None:
+    """``softmax(x, d, dtype)`` → ``softmax(x.to(dtype), d)``; ``_softmax(x, d, True)`` likewise with float32."""
+    x, dim = node.args[0], node.args[1]
+    if node.target is aten._softmax.default:
+        dtype = torch.float32 if node.args[2] else None
+        target = aten.softmax.int
+    else:
+        dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+        target = node.target
+        if dtype is None:
+            return None
+    if tensor(x) is None:
+        return None
+    if dtype is not None and dtype != tensor(x).dtype:
+        x = b.call(aten._to_copy.default, x, dtype=dtype)
+    return b.call(target, x, dim)
+
+
 def mul_by_constant_tensor(node: fx.Node, b: Builder) -> fx.Node | None:
     """``x * c`` with ``c`` a 0-d constant tensor → ``x * float(c)``; ``x * 1`` → ``x``."""
     factor = node.args[1]
@@ -207,6 +229,7 @@ _ALIAS_FREE: dict[object, Canon] = {
     aten._to_copy.default: noop_conversion,
     aten.type_as.default: noop_conversion,
     aten.contiguous.default: noop_conversion,
+    aten.clone.default: noop_conversion,
     aten.alias.default: noop_conversion,
     aten.detach.default: noop_conversion,
     aten.slice.Tensor: full_slice,
@@ -220,6 +243,9 @@ _ALWAYS: dict[object, Canon] = {
     aten.permute.default: to_permute,
     aten.div.Tensor: div_by_constant,
     aten.mul.Tensor: mul_by_constant_tensor,
+    aten._softmax.default: softmax_dtype_as_cast,
+    aten.softmax.int: softmax_dtype_as_cast,
+    aten._safe_softmax.default: softmax_dtype_as_cast,
 }
 
 

@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from fxfuse.ir.dialect import OPS
 from fxfuse.ir.meta import size_is, tensor
-from fxfuse.ir.rewrite import Builder
+from fxfuse.ir.rewrite import Builder, detach_shape_readers, value_users
 from fxfuse.passes.canonicalize import constant_scalar
 from fxfuse.passes.rules import Reject, RulePass, rule
 from fxfuse.patterns import Const, Match, P, Var
@@ -52,6 +52,9 @@ _PRODUCTS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default)
 _WHERE = (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf)
 _MASKED_FILL = (aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 _MAX_CHAIN = 32
+_ABSORBED = 2.0**10  # scores up to this magnitude vanish when added to a masking fill
+# _safe_softmax gives zeros on a row whose every score is -inf, as fxfuse.attention does.
+_SOFTMAX = (aten.softmax.int, aten._safe_softmax.default)
 
 EAGER = P.any_of(["matmul", "bmm"], Var("probs"), Var("v"))
 SDPA = P.scaled_dot_product_attention(
@@ -62,11 +65,18 @@ SDPA = P.scaled_dot_product_attention(
 
 @dataclass
 class _Step:
-    """One thing the model does to the scores: kind is scale, softcap, bias, keep, drop or heads."""
+    """One thing the model does to the scores.
+
+    ``kind`` is scale, softcap, bias (``dtype``: the scores' type after the
+    add; ``negate`` for a subtraction), keep, drop, heads (3-D → 4-D) or flat
+    (4-D → 3-D).
+    """
 
     kind: str
     value: Any
     fill: float = 0.0
+    dtype: torch.dtype | None = None
+    negate: bool = False
 
 
 def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
@@ -124,8 +134,8 @@ def _check_heads(q: fx.Node, k: fx.Node, v: fx.Node) -> Reject | None:
 
 
 def _single_use(node: fx.Node, what: str) -> Reject | None:
-    if len(node.users) != 1:
-        users = ", ".join(u.name for u in node.users)
+    if len(value_users(node)) != 1:
+        users = ", ".join(u.name for u in value_users(node))
         return Reject(f"{what} at {node.name} are also read by {users} (e.g. returned as attention weights)", node)
     return None
 
@@ -162,10 +172,12 @@ def _reaches_product(node: Any) -> bool:
             return False
         if node.target in _PRODUCTS:
             return True
-        if len(node.users) != 1:
+        if len(value_users(node)) != 1:
             return False
         if node.target is aten.add.Tensor:
             return _reaches_product(node.args[0]) or _reaches_product(node.args[1])
+        if node.target is aten.sub.Tensor:
+            return _reaches_product(node.args[0])
         if node.target in _WHERE:
             node = node.args[1] if isinstance(node.args[1], fx.Node) else node.args[2]
         elif node.target in (*_CASTS, aten.mul.Tensor, aten.tanh.default, aten.reshape.default, *_MASKED_FILL):
@@ -189,13 +201,37 @@ def _softcap(node: fx.Node) -> tuple[float, fx.Node] | None:
     return c, scaled.args[0]
 
 
-def _read_scores(top: fx.Node) -> tuple[fx.Node, list[_Step]] | Reject:
-    """From the softmax input down to the q·kᵀ product: (product, steps from the top down)."""
+def _check_fill(fill: float, node: fx.Node) -> Reject | None:
+    """Refuse a fill that replacing a score with differs from adding to it.
+
+    The fused op adds the mask; the model replaces masked scores with the
+    fill. The two agree when the fill is -inf, or so large that adding any
+    score of magnitude up to 2^10 leaves it unchanged in the scores' dtype
+    (``finfo.min`` in float32 and bfloat16). With a milder fill (-1e4, -1e9)
+    a row whose every score is masked is uniform in the model and not in the
+    fused op.
+    """
+    dtype = tensor(node).dtype
+    if math.isinf(fill) or not dtype.is_floating_point:
+        return None
+    value = torch.tensor(fill, dtype=dtype)
+    if fill < 0 and bool(value + _ABSORBED == value) and bool(value - _ABSORBED == value):
+        return None
+    return Reject(f"masked scores are replaced by {fill:g}, which adding a mask cannot reproduce on a fully masked "
+                  f"row (use -inf or torch.finfo({str(dtype).removeprefix('torch.')}).min)", node)
+
+
+def _read_scores(top: fx.Node, visited: list[fx.Node]) -> tuple[fx.Node, list[_Step]] | Reject:
+    """From the softmax input down to the q·kᵀ product: (product, steps from the top down).
+
+    Every chain node read is appended to ``visited``.
+    """
     steps: list[_Step] = []
     node = top
     for _ in range(_MAX_CHAIN):
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return Reject(f"the scores come from {node}, not from a q·kᵀ product", top)
+        visited.append(node)
         if node.target in _PRODUCTS:
             return node, steps
         if (bad := _single_use(node, "the scores")) is not None:
@@ -220,31 +256,43 @@ def _read_scores(top: fx.Node) -> tuple[fx.Node, list[_Step]] | Reject:
                 return Reject(f"the scores are added with alpha={node.kwargs['alpha']} at {node.name}", node)
             a, b = node.args[:2]
             if _reaches_product(a):
-                steps.append(_Step("bias", b))
+                steps.append(_Step("bias", b, dtype=tensor(node).dtype))
                 node = a
             elif _reaches_product(b):
-                steps.append(_Step("bias", a))
+                steps.append(_Step("bias", a, dtype=tensor(node).dtype))
                 node = b
             else:
                 return Reject(f"neither operand of {node.name} leads to a q·kᵀ product", node)
+        elif target is aten.sub.Tensor:
+            if node.kwargs.get("alpha", 1) != 1 or not _reaches_product(node.args[0]):
+                return Reject(f"the scores are subtracted from, or with alpha, at {node.name}", node)
+            steps.append(_Step("bias", node.args[1], dtype=tensor(node).dtype, negate=True))
+            node = node.args[0]
         elif target in _WHERE:
             cond, x, y = node.args[:3]
             if _reaches_product(x) and (fill := constant_scalar(y)) is not None:
-                steps.append(_Step("keep", cond, fill))
-                node = x
+                kind, node_below = "keep", x
             elif _reaches_product(y) and (fill := constant_scalar(x)) is not None:
-                steps.append(_Step("drop", cond, fill))
-                node = y
+                kind, node_below = "drop", y
             else:
                 return Reject(f"the scores are selected against a non-constant at {node.name}", node)
+            if (bad := _check_fill(fill, node)) is not None:
+                return bad
+            steps.append(_Step(kind, cond, fill))
+            node = node_below
         elif target in _MASKED_FILL:
             fill = constant_scalar(node.args[2])
             if fill is None:
                 return Reject(f"the scores are masked with a non-constant fill at {node.name}", node)
+            if (bad := _check_fill(fill, node)) is not None:
+                return bad
             steps.append(_Step("drop", node.args[1], fill))
             node = node.args[0]
         elif _is_unflatten0(node):
             steps.append(_Step("heads", tensor(node).shape[1]))
+            node = node.args[0]
+        elif _is_flatten0(node):
+            steps.append(_Step("flat", tensor(node.args[0]).shape[1]))
             node = node.args[0]
         else:
             return Reject(f"the scores go through {target} at {node.name}, which attention does not express", node)
@@ -271,7 +319,8 @@ class _Lifter:
 
 def _peel_scale(node: fx.Node) -> tuple[fx.Node, float]:
     """(x, c) for a single-use ``x · c`` with a constant c (the scale folded into q or k), else (node, 1)."""
-    if node.target is aten.mul.Tensor and len(node.users) == 1 and (c := constant_scalar(node.args[1])) is not None:
+    if node.target is aten.mul.Tensor and len(value_users(node)) == 1 \
+            and (c := constant_scalar(node.args[1])) is not None:
         return node.args[0], c
     return node, 1.0
 
@@ -300,10 +349,15 @@ class _Scores:
 
 
 def _replay(product: fx.Node, steps: list[_Step], scale: float, b: Builder) -> _Scores | Reject:
-    """Fold the steps, from the product up, into a scale, a soft-cap and one additive (or boolean) mask."""
+    """Fold the steps, from the product up, into a scale, a soft-cap and one additive (or boolean) mask.
+
+    Bias and mask terms added while the scores are 3-D (batch·heads) are
+    viewed as 4-D once the head count is known; the mask is 4-D from then on.
+    """
     mask: fx.Node | None = None
     softcap: float | None = None
     heads: int | None = None
+    rank = tensor(product).dim()
     if product.target is aten.baddbmm.default:
         beta, alpha = product.kwargs.get("beta", 1), product.kwargs.get("alpha", 1)
         mask = product.args[0] if beta == 1 else b.call(aten.mul.Tensor, product.args[0], beta)
@@ -316,38 +370,65 @@ def _replay(product: fx.Node, steps: list[_Step], scale: float, b: Builder) -> _
             if softcap is not None:
                 return Reject("the soft-capped scores are scaled again", product)
             scale *= step.value
-            if mask is not None:
+            if mask is not None and tensor(mask).dtype == torch.bool:
+                if step.value <= 0:
+                    return Reject(f"the masked scores are scaled by {step.value}", product)
+            elif mask is not None:
                 mask = b.call(aten.mul.Tensor, mask, step.value)
         elif step.kind == "softcap":
             if mask is not None or softcap is not None:
                 return Reject("the scores are soft-capped after a bias, mask or another cap", product)
             softcap = step.value
-        elif step.kind == "bias":
-            mask = step.value if mask is None else b.call(aten.add.Tensor, mask, step.value)
-        elif step.kind == "keep_bool":
-            mask = step.value
-        elif step.kind == "keep":
-            mask = (b.call(aten.where.Scalar, step.value, 0.0, step.fill) if mask is None
-                    else b.call(aten.where.ScalarOther, step.value, mask, step.fill))
-        elif step.kind == "drop":
-            mask = (b.call(aten.where.Scalar, step.value, step.fill, 0.0) if mask is None
-                    else b.call(aten.where.ScalarSelf, step.value, step.fill, mask))
-        elif step.kind == "heads":
-            if heads is not None:
-                return Reject("the scores are reshaped to 4-D twice", product)
-            heads = step.value
+        elif step.kind in ("heads", "flat"):
+            if heads is not None and heads != step.value:
+                return Reject(f"the scores are viewed with {heads} and with {step.value} heads", product)
+            heads, rank = step.value, (4 if step.kind == "heads" else 3)
             if mask is not None:
                 mask = _Lifter(b, heads)(mask)
+        else:
+            value = _bias_term(step, b) if step.kind == "bias" else step.value
+            if rank == 3 and heads is not None:
+                value = _Lifter(b, heads)(value)
+            mask = _combine(mask, step, value, b)
+    if mask is not None and tensor(mask).dim() < 2:
+        mask = b.call(aten.reshape.default, mask, [1] * (2 - tensor(mask).dim()) + list(tensor(mask).shape))
     return _Scores(scale, softcap, mask, heads)
 
 
-def _read_probs(probs: fx.Node) -> tuple[fx.Node, int | None] | Reject:
-    """(softmax node, heads of a 4-D → 3-D reshape or None) from the left operand of the output product."""
+def _bias_term(step: _Step, b: Builder) -> fx.Node:
+    """The tensor a bias step adds, in the scores' type: numbers, booleans and integers are cast (True is 1)."""
+    value = step.value
+    if not isinstance(value, fx.Node):
+        value = b.call(aten.scalar_tensor.default, float(value), dtype=step.dtype)
+    elif not tensor(value).is_floating_point():
+        value = b.call(aten._to_copy.default, value, dtype=step.dtype)
+    return b.call(aten.neg.default, value) if step.negate else value
+
+
+def _combine(mask: fx.Node | None, step: _Step, value: fx.Node, b: Builder) -> fx.Node:
+    """The mask so far with one more bias, keep or drop step applied on top."""
+    if step.kind == "bias":
+        return value if mask is None else b.call(aten.add.Tensor, mask, value)
+    if step.kind == "keep_bool":
+        return value
+    if step.kind == "keep":
+        return (b.call(aten.where.Scalar, value, 0.0, step.fill) if mask is None
+                else b.call(aten.where.ScalarOther, value, mask, step.fill))
+    return (b.call(aten.where.Scalar, value, step.fill, 0.0) if mask is None
+            else b.call(aten.where.ScalarSelf, value, step.fill, mask))
+
+
+def _read_probs(probs: fx.Node, visited: list[fx.Node]) -> tuple[fx.Node, int | None] | Reject:
+    """(softmax node, heads of a 4-D → 3-D reshape or None) from the left operand of the output product.
+
+    Every node read is appended to ``visited``.
+    """
     node, heads = probs, None
     for _ in range(_MAX_CHAIN):
         if not isinstance(node, fx.Node):
             return Reject("the left operand of the output product is not a tensor", probs)
-        if node.target is aten.softmax.int:
+        visited.append(node)
+        if node.target in _SOFTMAX:
             return node, heads
         if (bad := _single_use(node, "the attention probabilities")) is not None:
             return bad
@@ -367,7 +448,7 @@ def _is_softmax_fed(node: fx.Node) -> bool:
     for _ in range(4):
         if not isinstance(left, fx.Node):
             return False
-        if left.target is aten.softmax.int:
+        if left.target in _SOFTMAX:
             return True
         if left.target not in (*_CASTS, aten.reshape.default, aten.dropout.default):
             return False
@@ -389,7 +470,8 @@ def _cast_mask(mask: fx.Node, dtype: torch.dtype, b: Builder) -> fx.Node:
 def eager_attention(m: Match, b: Builder) -> fx.Node | Reject | None:
     if not _is_softmax_fed(m.root):
         return None
-    read = _read_probs(m.probs)
+    visited: list[fx.Node] = []
+    read = _read_probs(m.probs, visited)
     if isinstance(read, Reject):
         return read
     softmax, probs_heads = read
@@ -398,7 +480,7 @@ def eager_attention(m: Match, b: Builder) -> fx.Node | Reject | None:
         return Reject(f"softmax over dim {softmax.args[1]}, not the key dim", softmax)
     if (bad := _single_use(softmax, "the attention probabilities")) is not None:
         return bad
-    chain = _read_scores(softmax.args[0])
+    chain = _read_scores(softmax.args[0], visited)
     if isinstance(chain, Reject):
         return chain
     product, steps = chain
@@ -407,23 +489,21 @@ def eager_attention(m: Match, b: Builder) -> fx.Node | Reject | None:
     scores = _replay(product, steps, q_scale * k_scale, b)
     if isinstance(scores, Reject):
         return scores
-    v = m.v
-    heads = scores.heads or probs_heads
-    if tensor(product).dim() == 3:
-        if scores.heads is not None and probs_heads is not None and scores.heads != probs_heads:
-            return Reject(f"the scores have {scores.heads} heads but the probabilities {probs_heads}", softmax)
-        lift = _Lifter(b, heads or 1)
-        mask = lift(scores.mask) if scores.mask is not None and scores.heads is None else scores.mask
-        q, kT, v = lift(q), lift(_untranspose(kT, b)), lift(v)
-        k = kT
-    else:
-        mask = scores.mask
-        k = _untranspose(kT, b)
+    if scores.heads is not None and probs_heads is not None and scores.heads != probs_heads:
+        return Reject(f"the scores have {scores.heads} heads but the probabilities {probs_heads}", softmax)
+    mask, k, v = scores.mask, _untranspose(kT, b), m.v
+    lift = _Lifter(b, scores.heads or probs_heads or 1)
+    if tensor(product).dim() == 3 and mask is not None and scores.heads is None:
+        mask = lift(mask)
+    q, k, v = lift(q), lift(k), lift(v)
     if tensor(q).dim() != 4 or tensor(m.root).dim() not in (3, 4):
         return Reject(f"q {tuple(tensor(q).shape)} is not 4-D (batch, heads, seq, dim)", product)
     k, v = _unrepeat(k, v)
     if (bad := _check_heads(q, k, v)) is not None:
         return bad
+    sources = [product.args[-2], product.args[-1], *product.graph.find_nodes(op="placeholder")]
+    if (blocked := detach_shape_readers(visited, sources, b)) is not None:
+        return Reject(f"the shape of {blocked.name} is read, and no input has its dims", blocked)
     if mask is not None:
         mask = _cast_mask(mask, tensor(q).dtype, b)
     out = b.call(OPS["attention"], q, k, v, mask, float(scores.scale), False, scores.softcap)

@@ -5,6 +5,10 @@ place. The manager times it, runs the IR verifier, and (when asked) runs the
 graph on the example inputs and compares with the reference outputs. A pass
 that breaks either check raises an error that names it and the passes before
 it, or, with ``on_failure="skip"``, is rolled back and recorded as skipped.
+Validation runs on the example and on every probe (``fxfuse.ir.inputs``):
+inputs with padded masks and other shapes that a benign example cannot
+stand in for. A pass that raises is treated like one that broke the graph
+(under ``fxfuse.errors.strict()`` its exception propagates).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import copy
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.fx as fx
 
+from fxfuse.errors import FxfuseError, InputError, is_strict
+from fxfuse.ir.inputs import Probe
 from fxfuse.ir.numerics import compare
 from fxfuse.ir.verify import VerificationError, verify
 
@@ -50,12 +56,13 @@ class PassResult:
     skipped: bool = False
     error: str | None = None
     max_error: float | None = None
+    validated_on: list[str] = field(default_factory=list)
 
 
 Pass = Callable[[fx.GraphModule], PassResult]
 
 
-class PassFailure(RuntimeError):
+class PassFailure(FxfuseError, RuntimeError):
     """A pass broke the graph or its numerics; the message names the pass."""
 
     def __init__(self, message: str, result: PassResult) -> None:
@@ -107,7 +114,7 @@ class PassManager:
         on_failure: Literal["raise", "skip"] = "raise",
     ) -> None:
         if on_failure not in ("raise", "skip"):
-            raise ValueError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}")
+            raise InputError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}")
         self.passes = passes
         self.verify_each = verify_each
         self.validate = validate
@@ -118,22 +125,35 @@ class PassManager:
         gm: fx.GraphModule,
         example: tuple[tuple, dict] | None = None,
         reference: Any = None,
+        *,
+        probes: Sequence[Probe] = (),
     ) -> list[PassResult]:
-        """Run every pass on ``gm`` in place; return one ``PassResult`` per pass."""
+        """Run every pass on ``gm`` in place; return one ``PassResult`` per pass.
+
+        ``example`` is ``(args, kwargs)`` with the model's outputs ``reference``;
+        ``probes`` are further inputs with their reference outputs.
+        """
         if self.validate and example is None:
-            raise ValueError("validate=True needs the example inputs and reference outputs")
+            raise InputError("validate=True needs the example inputs and reference outputs")
+        cases = [] if example is None else [Probe("example", *example, reference), *probes]
         results: list[PassResult] = []
         for name, pass_ in self.passes:
             snap = _snapshot(gm)
             before = _count_nodes(gm)
             start = time.perf_counter()
-            result = pass_(gm)
-            gm.recompile()
+            try:
+                result = pass_(gm)
+                gm.recompile()
+                failure = None
+            except Exception as e:
+                if is_strict():
+                    raise
+                result, failure = PassResult(name), (PassFailure, f"raised {type(e).__name__}: {e}")
             result.name = name
             result.seconds = time.perf_counter() - start
             result.nodes_before, result.nodes_after = before, _count_nodes(gm)
             results.append(result)
-            failure = self._check(gm, result, example, reference)
+            failure = failure or self._check(gm, result, cases)
             if failure is None:
                 continue
             kind, message = failure
@@ -148,21 +168,32 @@ class PassManager:
             result.nodes_after = before
         return results
 
-    def _check(self, gm, result, example, reference) -> tuple[type[PassFailure], str] | None:
+    def _check(self, gm, result, cases: list[Probe]) -> tuple[type[PassFailure], str] | None:
         if self.verify_each:
             try:
                 verify(gm)
             except VerificationError as e:
                 return PassFailure, f"broke the graph: {e}"
         if self.validate and result.changed:
-            args, kwargs = example
-            try:
-                with torch.no_grad():
-                    outputs = gm(*args, **kwargs)
-            except Exception as e:
-                return PassFailure, f"left a graph that fails to run: {type(e).__name__}: {e}"
-            outcome = compare(reference, outputs)
-            result.max_error = outcome.max_error
-            if not outcome.ok:
-                return NumericsError, f"changed the model's outputs: {outcome.detail}"
+            return validate_on(gm, cases, result)
         return None
+
+
+def validate_on(program: Callable, cases: Sequence[Probe], result: PassResult) -> tuple[type[PassFailure], str] | None:
+    """Run ``program`` on every case and compare with its reference; the first failure, or None.
+
+    Records the worst error and the labels of the cases in ``result``.
+    """
+    result.max_error = 0.0
+    for case in cases:
+        try:
+            with torch.no_grad():
+                outputs = program(*case.args, **case.kwargs)
+        except Exception as e:
+            return PassFailure, f"left a graph that fails to run on the {case.label} input: {type(e).__name__}: {e}"
+        outcome = compare(case.reference, outputs)
+        result.max_error = max(result.max_error, outcome.max_error)
+        if not outcome.ok:
+            return NumericsError, f"changed the model's outputs on the {case.label} input: {outcome.detail}"
+        result.validated_on.append(case.label)
+    return None

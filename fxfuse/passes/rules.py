@@ -8,6 +8,8 @@ pattern wins over its sub-patterns), applies the first rule that fires at
 each node, erases what became dead, and repeats until nothing changes.
 Rejections, and near misses at nodes a rule's ``looks_like`` flags as
 candidates, are kept in the ``PassResult`` to answer "why was this not fused?".
+A rule that raises is a rejection too, naming the rule, the node and the
+exception, and the pass goes on (under ``fxfuse.errors.strict()`` it raises).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable
 
 import torch.fx as fx
 
+from fxfuse.errors import is_strict
 from fxfuse.ir.meta import fake_mode_of, fill_attr_vals, same_shape, tensor
 from fxfuse.ir.rewrite import Builder, erase_if_dead
 from fxfuse.passes.manager import PassResult, Rejection
@@ -112,23 +115,29 @@ class RulePass:
         for r in self.rules:
             if key not in r.roots:
                 continue
-            m = match(r.pattern, node)
+            builder = Builder(gm.graph, mode, node)
+            try:
+                m, out = self._try(r, node, builder)
+            except Exception as e:
+                if is_strict():
+                    raise
+                builder.discard()
+                misses.append(Rejection(r.name, node.name, f"the rule raised {type(e).__name__}: {e}", module_path(node)))
+                continue
             if isinstance(m, NoMatch):
                 if r.looks_like is not None and r.looks_like(node):
                     misses.append(Rejection(r.name, node.name, f"no match: {m.reason}", module_path(node)))
                 continue
-            builder = Builder(gm.graph, mode, node)
-            out = r.fn(m, builder)
             if out is None:
                 builder.discard()
                 continue
-            if not isinstance(out, Reject):
-                out = _check_replacements([(node, out), *builder.also]) or out
             if isinstance(out, Reject):
                 builder.discard()
                 at = out.node or node
                 misses.append(Rejection(r.name, at.name, out.reason, module_path(at)))
                 continue
+            for action in builder.deferred:
+                action()
             node.replace_all_uses_with(out)
             for old, new in builder.also:
                 old.replace_all_uses_with(new)
@@ -137,3 +146,14 @@ class RulePass:
             result.rewrites[r.name] += 1
             return [], True
         return misses, False
+
+    @staticmethod
+    def _try(r: Rule, node: fx.Node, builder: Builder) -> tuple[Match | NoMatch, fx.Node | Reject | None]:
+        """Match ``r`` at ``node`` and, on a match, build the replacement (checked against the node's value)."""
+        m = match(r.pattern, node)
+        if isinstance(m, NoMatch):
+            return m, None
+        out = r.fn(m, builder)
+        if out is not None and not isinstance(out, Reject):
+            out = _check_replacements([(node, out), *builder.also]) or out
+        return m, out

@@ -96,7 +96,7 @@ def test_attention_becomes_one_fused_op_and_matches(case, target, tmp_path):
     result = _export(module, tmp_path, target, x, keep, **extra)
     assert result.ops.get(ort_op if target == "ort" else std_op) == 1, result.ops
     assert result.fused["attention"] == 1 and result.max_error < 1e-5
-    assert [name for name, _ in result.checks] == ["example", "batch 2→3 × sequence 6→9"]
+    assert [name for name, _ in result.checks] == ["example", "padded/rescaled", "padded/rescaled at 2×6×32 → 3×9×32"]
     if kwargs.get("mask") == "rows":  # the padded query rows are zeros in PyTorch and in ONNX Runtime
         session = result.session()
         out = session.run(None, {"x": x.numpy(), "keep": keep.numpy()})[0]
@@ -274,7 +274,7 @@ def zoo_optimized():
 def test_zoo_exports_and_matches(zoo_optimized, spec, target, tmp_path):
     opt = zoo_optimized(spec)
     result = export_onnx(opt, example_kwargs=spec.inputs(2, 8), path=tmp_path / "m.onnx", target=target)
-    assert result.max_error is not None and len(result.checks) == 2, result.checks
+    assert result.max_error is not None and len(result.checks) == 3, result.checks
     assert result.fused["attention"] == spec.attention, result.ops
     assert result.fused["norm"] == spec.norms, result.ops
     if target == "ort":  # every attention block one fused op, every norm a (skip) norm op, ropes and activations too
@@ -339,7 +339,7 @@ def test_a_wrong_lowering_fails_validation_and_leaves_nothing(tmp_path, monkeypa
 def test_static_export_keeps_the_example_shape(tmp_path):
     result = export_onnx(Block("rms").eval(), (torch.randn(2, 7, 32),), path=tmp_path / "s.onnx", dynamic=False)
     assert result.session().get_inputs()[0].shape == [2, 7, 32]
-    assert [name for name, _ in result.checks] == ["example"]
+    assert [name for name, _ in result.checks] == ["example", "padded/rescaled"]
 
 
 def test_unknown_target_is_refused():

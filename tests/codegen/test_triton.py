@@ -156,6 +156,6 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("tvm")
     monkeypatch.setattr(triton_codegen, "available", lambda: False)
-    with pytest.raises(ImportError, match="triton"):
+    with pytest.raises(fxfuse.errors.InputError, match="triton"):
         resolve_backend("triton")
     assert resolve_backend("auto", [torch.zeros(1, device="meta")]) == "eager"

@@ -55,6 +55,18 @@ def test_batch_and_sequence_dims_are_dynamic():
     torch.testing.assert_close(gm(x), model(x))
 
 
-def test_a_size_one_example_dim_is_reported_static():
+def test_a_size_one_example_dim_stays_dynamic():
     captured = capture(torch.nn.Softmax(-1), (torch.randn(1, 3),))
+    assert captured.notes == []
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(captured.graph_module(x), x.softmax(-1))
+
+
+class OneRowOnly(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(3) * 2  # only a batch of one has three elements
+
+
+def test_a_size_one_dim_the_model_fixes_is_reported_static():
+    captured = capture(OneRowOnly(), (torch.randn(1, 3),))
     assert any("dim 0 is static (= 1)" in note for note in captured.notes)

@@ -198,27 +198,49 @@ class Variant(torch.nn.Module):
             s = s + (1.0 - pad[:, None, None, :]) * torch.finfo(q.dtype).min
         elif kind == "fp32_upcast":  # half-precision models: softmax in fp32, cast back
             s = ((q @ k.transpose(-1, -2)) * d**-0.5).float() + (1.0 - pad[:, None, None, :]) * -1e4
+        elif kind == "bool_add":  # arithmetic on a boolean: +1 where True, +0 where False (not a keep-mask)
+            s = (q @ k.transpose(-1, -2)) * d**-0.5 + keep
+        elif kind == "int_add":  # arithmetic on an integer mask
+            s = (q @ k.transpose(-1, -2)) * d**-0.5 + pad[:, None, None, :].long() * 3
+        elif kind == "number_bias":  # a Python number added, then a -inf boolean fill
+            s = ((q @ k.transpose(-1, -2)) * d**-0.5 + 0.5).masked_fill(~keep, float("-inf"))
+        elif kind == "sub_bias":  # the mask subtracted
+            s = (q @ k.transpose(-1, -2)) * d**-0.5 - (1.0 - pad[:, None, None, :]) * 1e4
+        elif kind == "expand_as":  # the scores' shape read by the mask: not a second use of their values
+            s = (q @ k.transpose(-1, -2)) * d**-0.5
+            s = s.masked_fill(~keep.expand_as(s), torch.finfo(s.dtype).min) + s.new_zeros(s.shape[-1])
+        elif kind == "softmax_dtype":  # softmax with a dtype argument, then a clone of the probabilities
+            s = (q @ k.transpose(-1, -2)) * d**-0.5 + (1.0 - pad[:, None, None, :]) * -1e4
+            return torch.softmax(s, dim=-1, dtype=torch.float32).clone().to(v.dtype) @ v
+        elif kind == "safe_softmax":
+            s = ((q @ k.transpose(-1, -2)) * d**-0.5).masked_fill(~keep, float("-inf"))
+            return torch.ops.aten._safe_softmax(s, -1).to(v.dtype) @ v
         else:
             raise ValueError(kind)
         return torch.softmax(s, dim=-1).to(v.dtype) @ v
 
 
 class Bmm3d(torch.nn.Module):
-    """3-D (batch·heads) attention: bmm, or BLOOM's baddbmm with an ALiBi bias and a 4-D view for the mask."""
+    """3-D (batch·heads) attention: bmm; BLOOM's baddbmm with an ALiBi bias and a 4-D view for the mask; or
+    bmm scores viewed as 4-D for the mask and back to 3-D for the softmax (the round trip)."""
 
-    def __init__(self, alibi: bool) -> None:
+    def __init__(self, alibi: bool, round_trip: bool = False) -> None:
         super().__init__()
-        self.alibi = alibi
+        self.alibi, self.round_trip = alibi, round_trip
 
     def forward(self, q, k, v, pad):
         b, h, s, d = q.shape
         q3, k3, v3 = (t.reshape(b * h, -1, d) for t in (q, k, v))
-        if self.alibi:
+        if self.round_trip:
+            scores = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, s, -1) * d**-0.5
+            scores = scores + (1.0 - pad[:, None, None, :]) * -1e4
+            probs = torch.softmax(scores.view(b * h, s, -1), dim=-1)
+        elif self.alibi:
             slopes = 2.0 ** (-torch.arange(1, h + 1, dtype=q.dtype))
             bias = (slopes[:, None] * torch.arange(k.shape[2], dtype=q.dtype)[None, :])  # (h, Sk)
             bias = bias[None].expand(b, h, -1).reshape(b * h, 1, -1)
             scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), beta=1.0, alpha=d**-0.5)
-            scores = scores.view(b, h, s, -1).masked_fill(~pad[:, None, None, :].bool(), -1e9)
+            scores = scores.view(b, h, s, -1).masked_fill(~pad[:, None, None, :].bool(), torch.finfo(q.dtype).min)
             probs = torch.softmax(scores, dim=-1).view(b * h, s, -1)
         else:
             scores = torch.bmm(q3, k3.transpose(1, 2)) * d**-0.5
@@ -248,7 +270,8 @@ def assert_same_outputs(model, gm, args) -> None:
 
 
 VARIANTS = ["masked_fill", "where_inf", "triu_causal", "arange_causal", "scale_in_k", "softcap", "two_biases",
-            "fp32_upcast"]
+            "fp32_upcast", "bool_add", "int_add", "number_bias", "sub_bias", "expand_as", "softmax_dtype",
+            "safe_softmax"]
 
 
 @pytest.mark.parametrize("kind", VARIANTS)
@@ -258,7 +281,8 @@ def test_every_score_spelling_is_fused(kind):
     gm = _capture_variant(model, args)
     run_pipeline(gm, PIPELINE, *args)
     assert count(gm, ATTN) == 1
-    assert count(gm, aten.softmax.int) + count(gm, aten.matmul.default) + count(gm, aten.tanh.default) == 0
+    assert count(gm, aten.softmax.int) + count(gm, aten._safe_softmax.default) + count(gm, aten.matmul.default) \
+        + count(gm, aten.tanh.default) == 0
     (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
     scale, softcap = node.args[4], node.args[6]
     expected_scale = 1.0 if kind == "two_biases" else 8**-0.5
@@ -288,17 +312,19 @@ def test_fully_masked_rows_keep_the_models_values():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("alibi", [False, True], ids=["bmm", "baddbmm_alibi"])
-def test_three_dimensional_attention_is_fused(alibi):
+@pytest.mark.parametrize("alibi,round_trip", [(False, False), (True, False), (False, True)],
+                         ids=["bmm", "baddbmm_alibi", "view_round_trip"])
+def test_three_dimensional_attention_is_fused(alibi, round_trip):
     args = variant_inputs()
-    model = Bmm3d(alibi)
+    model = Bmm3d(alibi, round_trip)
     gm = _capture_variant(model, args)
     run_pipeline(gm, PIPELINE, *args)
     assert count(gm, ATTN) == 1
     assert count(gm, aten.bmm.default) + count(gm, aten.baddbmm.default) + count(gm, aten.softmax.int) == 0
     (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
     q = node.args[0].meta["val"]
-    assert q.dim() == 4 and q.shape[1] == (4 if alibi else 1)  # the 4-D view gives the heads; plain bmm has none
+    # the 4-D view gives the heads; plain bmm has none
+    assert q.dim() == 4 and q.shape[1] == (4 if alibi or round_trip else 1)
     assert_same_outputs(model, gm, variant_inputs(b=3, sq=7, sk=7, seed=3))
 
 
@@ -394,3 +420,20 @@ def test_repeat_interleave_is_grouped_query_attention_but_repeat_is_not(spelling
     (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
     assert node.args[1].meta["val"].shape[1] == (2 if spelling == "repeat_interleave" else 4)
     assert_same_outputs(model, gm, variant_inputs(b=3, h=4, hkv=2, sq=7, sk=7, seed=6))
+
+
+@pytest.mark.parametrize("fill", [-1e4, -1e9])
+def test_a_mild_fill_is_refused_because_a_fully_masked_row_would_differ(fill):
+    """masked_fill(s, drop, -1e4) makes a fully masked row uniform; s + where(drop, -1e4, 0) does not."""
+
+    class MildFill(torch.nn.Module):
+        def forward(self, q, k, v, pad):
+            s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            return torch.softmax(s.masked_fill(pad[:, None, None, :] == 0, fill), -1) @ v
+
+    args = variant_inputs()
+    gm = _capture_variant(MildFill(), args)
+    results = run_pipeline(gm, PIPELINE, *args)
+    assert count(gm, ATTN) == 0
+    (rejection,) = next(r for r in results if r.name == "fuse-attention").rejections
+    assert f"replaced by {fill:g}" in rejection.reason and "finfo(float32).min" in rejection.reason

@@ -101,3 +101,24 @@ def test_skip_restores_the_module_attributes_a_pass_added_and_deleted():
     assert not hasattr(gm, "doubled")
     with torch.no_grad():
         torch.testing.assert_close(gm(x), ref)
+
+
+def raises(gm):
+    """A pass with a bug: it raises halfway through."""
+    next(iter(gm.graph.nodes)).name = "renamed"
+    raise IndexError("list index out of range")
+
+
+def test_a_pass_that_raises_is_skipped_or_named():
+    from fxfuse.errors import strict
+
+    gm, x, ref = setup()
+    with strict(False):
+        (result, after) = PassManager([("raises", raises), ("cse", PASSES["cse"])], on_failure="skip").run(
+            gm, ((x,), {}), ref)
+        assert result.skipped and result.error == "raised IndexError: list index out of range"
+        assert not after.skipped
+        with pytest.raises(PassFailure, match="pass 'raises' raised IndexError"):
+            PassManager([("raises", raises)]).run(gm, ((x,), {}), ref)
+    with strict(), pytest.raises(IndexError):
+        PassManager([("raises", raises)], on_failure="skip").run(gm, ((x,), {}), ref)
