@@ -78,7 +78,9 @@ _ROTARY = contrib_op("RotaryEmbedding", ["input", "position_ids", "cos_cache", "
 
 
 def attention(q: ir.Value, k: ir.Value, v: ir.Value, mask: Optional[ir.Value] = None, scale: Optional[float] = None,
-              causal: bool = False, softcap: Optional[float] = None) -> ir.Value:
+              causal: bool = False, softcap: Optional[float] = None, sinks: Optional[ir.Value] = None) -> ir.Value:
+    if sinks is not None:  # no contrib op takes sink logits: the standard op with extra zero keys does
+        return onnx_std.attention(q, k, v, mask, scale, causal, softcap, sinks)
     name = "attention"
     hq, d = static_dim(q, 1, name, "query head count"), static_dim(q, 3, name, "head dim")
     hkv, dv = static_dim(k, 1, name, "key/value head count"), static_dim(v, 3, name, "value head dim")

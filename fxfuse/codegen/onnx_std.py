@@ -104,14 +104,16 @@ def zero_masked_rows(out: ir.Value, valid: Optional[ir.Value], valid_heads: obje
 
 
 def attention(q: ir.Value, k: ir.Value, v: ir.Value, mask: Optional[ir.Value] = None, scale: Optional[float] = None,
-              causal: bool = False, softcap: Optional[float] = None) -> ir.Value:
-    """Opset-23 ``Attention`` on (B, H, S, D) tensors: grouped heads, bool or float mask, causal, soft-cap."""
+              causal: bool = False, softcap: Optional[float] = None, sinks: Optional[ir.Value] = None) -> ir.Value:
+    """Opset-23 ``Attention`` on (B, H, S, D) tensors: grouped heads, bool or float mask, causal, soft-cap, sinks."""
     d = static_dim(q, 3, "attention", "head dim")
     attrs = {"scale": default_scale(d, scale), "is_causal": int(bool(causal))}
     if softcap is not None:
         attrs["softcap"] = float(softcap)
     if q.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
         attrs["softmax_precision"] = int(ir.DataType.FLOAT)  # the dialect takes the softmax in at least float32
+    if sinks is not None:
+        return _attention_with_sinks(q, k, v, mask, bool(causal), sinks, {**attrs, "is_causal": 0})
     if mask is None:
         return op.Attention(q, k, v, **attrs)[0]
     attn_mask = mask
@@ -124,13 +126,38 @@ def attention(q: ir.Value, k: ir.Value, v: ir.Value, mask: Optional[ir.Value] = 
     if mask.dtype in _FLOAT_TYPES:
         # ONNX Runtime's kernel gives zeros for a row whose every entry is the dtype's lowest value (as HF masks
         # write them); the dialect (SDPA) gives the uniform average there. One step above lowest keeps the math.
+        # Only entries at exactly the lowest value move: -inf (a causal mask beside finfo.min padding) stays -inf.
         np_type = q.dtype.numpy().type
-        floor = np.nextafter(np.finfo(np_type).min, np_type(0), dtype=np_type)
-        attn_mask = op.Max(attn_mask if mask.dtype == q.dtype else op.Cast(attn_mask, to=q.dtype),
-                           op.Constant(value=ir.tensor(np.array(floor, dtype=np_type))))
+        lowest = np.finfo(np_type).min
+        floor = np.nextafter(lowest, np_type(0), dtype=np_type)
+        attn_mask = attn_mask if mask.dtype == q.dtype else op.Cast(attn_mask, to=q.dtype)
+        attn_mask = op.Where(op.Equal(attn_mask, op.Constant(value=ir.tensor(np.array(lowest, dtype=np_type)))),
+                             op.Constant(value=ir.tensor(np.array(floor, dtype=np_type))), attn_mask)
     out = op.Attention(q, k, v, attn_mask, **attrs)[0]
     _, valid, _ = attention_bias(q, k, mask, bool(causal), full=False)  # rows the mask (and causal) leave empty
     return op.Where(valid, out, scalar(0.0, q.dtype))
+
+
+def _attention_with_sinks(q: ir.Value, k: ir.Value, v: ir.Value, mask: Optional[ir.Value], causal: bool,
+                          sinks: ir.Value, attrs: dict) -> ir.Value:
+    """Sinks as n extra keys whose score is the sink logit and whose value is zero.
+
+    q·0 is 0, so each extra key's score is its mask entry, the sink logit; its
+    zero value adds nothing to the output, only exp(sink) to the row's
+    denominator: exactly the dialect's sinks. No row is left fully masked.
+    """
+    n = static_dim(sinks, -1, "attention", "sink count")
+    bias, _, _ = attention_bias(q, k, mask, causal, full=False)
+    rows = op.Concat(op.Shape(q, start=0, end=3), op.Shape(k, start=2, end=3), axis=0)  # (B, Hq, Sq, Sk)
+    bias = op.Expand(scalar(0.0, q.dtype) if bias is None else bias, rows)
+    sink_cols = op.Expand(op.CastLike(_to_rank4(sinks), q),
+                          op.Concat(op.Shape(q, start=0, end=3), op.Constant(value_ints=[n]), axis=0))
+    extra = {}
+    for name, t in (("k", k), ("v", v)):
+        size = op.Concat(op.Shape(t, start=0, end=2), op.Constant(value_ints=[n]), op.Shape(t, start=3, end=4),
+                         axis=0)
+        extra[name] = op.Concat(t, op.Expand(scalar(0.0, t.dtype), size), axis=2)
+    return op.Attention(q, extra["k"], extra["v"], op.Concat(bias, sink_cols, axis=3), **attrs)[0]
 
 
 # --- norms -------------------------------------------------------------------------------------------------

@@ -140,12 +140,14 @@ class _Attention(Lowering):
         super().__init__(op, node, program)
         kattn = _kernel_module("attention")
         self.kernels = kattn
-        q, k, v, mask, scale, causal, softcap = self.bind(*node.args, **node.kwargs)
+        q, k, v, mask, scale, causal, softcap, sinks = self.bind(*node.args, **node.kwargs)
         mods = node.meta.get(SCORE_MODS) or {}
         self.window: int | None = mods.get("window")
         self.alibi: bool = bool(mods.get("alibi", False))
         qv, kv, vv, mv = (_val(x) for x in (q, k, v, mask))
         self.static_reason = _dtype_reason(qv, kv, vv)
+        if sinks is not None:
+            self.static_reason = "attention sinks (extra per-row logits) have no kernel"
         self.variant = None
         if self.static_reason is None and isinstance(qv, torch.Tensor):
             if isinstance(qv.shape[-1], int) and qv.shape[-1] > kattn.MAX_HEAD_DIM:
@@ -161,10 +163,10 @@ class _Attention(Lowering):
     def _tag(self) -> str:
         return "generic" if self.variant is None else self.kernels.get_kernel(self.variant).name.split("_", 2)[-1]
 
-    def check(self, q, k, v, mask=None, scale=None, causal=False, softcap=None):
+    def check(self, q, k, v, mask=None, scale=None, causal=False, softcap=None, sinks=None):
         return self.kernels.supports(q, k, v, mask)
 
-    def run(self, q, k, v, mask=None, scale=None, causal=False, softcap=None):
+    def run(self, q, k, v, mask=None, scale=None, causal=False, softcap=None, sinks=None):
         slopes = None
         if self.alibi:
             slopes = self.program.alibi_slopes(q.shape[1], q.device)

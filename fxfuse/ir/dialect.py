@@ -47,6 +47,7 @@ def attention(
     scale: Optional[float] = None,
     causal: bool = False,
     softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """softmax(cap(q·kᵀ·scale) + mask) · v, per head.
 
@@ -57,15 +58,19 @@ def attention(
     the positions where it is True. ``scale`` defaults to 1/sqrt(D).
     ``softcap`` c, if given, caps the scaled scores: cap(s) = c·tanh(s/c)
     (Gemma 2); without it cap is the identity. ``causal`` masks key j > query
-    i (top-left aligned, as in SDPA). The softmax is taken in at least
-    float32. A query row whose every score is -inf gives zeros, as SDPA
-    does (eager softmax gives NaN there). Returns (B, Hq, Sq, Dv) in q's dtype.
+    i (top-left aligned, as in SDPA). ``sinks`` (attention sinks, GPT-OSS),
+    broadcasting to (B, Hq, Sq, n): n more logits per query row, taken into
+    the softmax after the masked scores and then dropped (keys whose value is
+    zero: they only add to each row's denominator). The softmax is taken in
+    at least float32. A query row whose every score is -inf gives zeros, as
+    SDPA does (eager softmax gives NaN there). Returns (B, Hq, Sq, Dv) in q's
+    dtype.
     """
     _check_gqa(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if softcap is not None:
-        return _capped_attention(q, k, v, mask, scale, causal, softcap)
+    if softcap is not None or sinks is not None:
+        return _explicit_attention(q, k, v, mask, scale, causal, softcap, sinks)
     mask, causal = _simplify_mask(mask, causal, q.shape[-2], k.shape[-2])
     if causal and mask is not None:
         # SDPA's math kernel refuses a mask together with is_causal: fold one into the other.
@@ -123,20 +128,26 @@ def _mask_kind(mask: Tensor, sq: int, sk: int) -> str:
     return "keep"
 
 
-def _capped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                      causal: bool, softcap: float) -> Tensor:
-    """The soft-capped case, which SDPA cannot express: scores in float32, then softmax."""
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                        softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
+    """The soft-capped and sink cases, which SDPA cannot express: scores in float32, then softmax."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     if causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill(scores.amax(-1, keepdim=True) == float("-inf"), 0.0).to(v.dtype)
+    empty = scores.amax(-1, keepdim=True) == float("-inf")
+    if sinks is not None:
+        extra = sinks.float().expand(*scores.shape[:-1], sinks.shape[-1])
+        probs = torch.softmax(torch.cat([scores, extra], dim=-1), dim=-1)[..., : scores.shape[-1]]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill(empty, 0.0).to(v.dtype)
     return torch.matmul(probs, v).to(q.dtype)
 
 
@@ -144,7 +155,7 @@ torch.library.custom_op("fxfuse::attention", attention, mutates_args=())
 
 
 @torch.library.register_fake("fxfuse::attention")
-def _(q, k, v, mask=None, scale=None, causal=False, softcap=None):
+def _(q, k, v, mask=None, scale=None, causal=False, softcap=None, sinks=None):
     _check_gqa(q, k, v)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 

@@ -34,10 +34,10 @@ DEFAULT_PIPELINE: list[str] = [
     "dce",
     "cse",
     "fuse-attention",
+    "fuse-rope",  # before the norms: a q/k norm after the rope must not take the rope's final add as a residual
     "fuse-rms-norm",
     "fuse-layer-norm",
     "fuse-mlp",
-    "fuse-rope",
     "canonicalize",  # fused ops leave view pairs (a 3-D attention's flatten, then the model's reshape)
     "dce",
     "cse",

@@ -32,6 +32,7 @@ the shared key/value heads without copying them.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,9 +134,10 @@ def _check_heads(q: fx.Node, k: fx.Node, v: fx.Node) -> Reject | None:
     return None
 
 
-def _single_use(node: fx.Node, what: str) -> Reject | None:
-    if len(value_users(node)) != 1:
-        users = ", ".join(u.name for u in value_users(node))
+def _single_use(node: fx.Node, what: str, allowed: tuple[fx.Node, ...] = ()) -> Reject | None:
+    readers = [u for u in value_users(node) if u not in allowed]
+    if len(readers) != 1:
+        users = ", ".join(u.name for u in readers)
         return Reject(f"{what} at {node.name} are also read by {users} (e.g. returned as attention weights)", node)
     return None
 
@@ -221,10 +223,12 @@ def _check_fill(fill: float, node: fx.Node) -> Reject | None:
                   f"row (use -inf or torch.finfo({str(dtype).removeprefix('torch.')}).min)", node)
 
 
-def _read_scores(top: fx.Node, visited: list[fx.Node]) -> tuple[fx.Node, list[_Step]] | Reject:
+def _read_scores(top: fx.Node, visited: list[fx.Node],
+                 allowed: tuple[fx.Node, ...] = ()) -> tuple[fx.Node, list[_Step]] | Reject:
     """From the softmax input down to the q·kᵀ product: (product, steps from the top down).
 
-    Every chain node read is appended to ``visited``.
+    Every chain node read is appended to ``visited``; ``allowed`` are further
+    readers of the top that the fusion removes too (a row-max shift's max).
     """
     steps: list[_Step] = []
     node = top
@@ -234,7 +238,7 @@ def _read_scores(top: fx.Node, visited: list[fx.Node]) -> tuple[fx.Node, list[_S
         visited.append(node)
         if node.target in _PRODUCTS:
             return node, steps
-        if (bad := _single_use(node, "the scores")) is not None:
+        if (bad := _single_use(node, "the scores", allowed if node is top else ())) is not None:
             return bad
         target = node.target
         if target in _CASTS:
@@ -418,24 +422,115 @@ def _combine(mask: fx.Node | None, step: _Step, value: fx.Node, b: Builder) -> f
             else b.call(aten.where.ScalarSelf, value, step.fill, mask))
 
 
-def _read_probs(probs: fx.Node, visited: list[fx.Node]) -> tuple[fx.Node, int | None] | Reject:
-    """(softmax node, heads of a 4-D → 3-D reshape or None) from the left operand of the output product.
+@dataclass
+class _Probs:
+    """The left operand of the output product, read down to the softmax."""
+
+    softmax: fx.Node
+    heads: int | None  # the head count of a 4-D → 3-D reshape of the probabilities
+    kept: Any = None  # the end of a slice keeping the first keys (the sinks' columns dropped)
+
+
+def _row_max_shift(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """(x, its max readers) if ``node`` is ``x - max(x, -1, keepdim)``: a shift the softmax does not see."""
+    if node.target is not aten.sub.Tensor or node.kwargs.get("alpha", 1) != 1:
+        return None
+    x, m = node.args[:2]
+    if not isinstance(m, fx.Node) or tensor(x) is None:
+        return None
+    rank = tensor(x).dim()
+    if m.target is operator.getitem and m.args[1] == 0 and m.args[0].target is aten.max.dim:
+        reducer, dims = m.args[0], [m.args[0].args[1]]
+        keep = m.args[0].args[2] if len(m.args[0].args) > 2 else False
+    elif m.target is aten.amax.default:
+        reducer, dims = m, list(m.args[1])
+        keep = m.args[2] if len(m.args) > 2 else False
+    else:
+        return None
+    if reducer.args[0] is not x or not keep or [d % rank for d in dims] != [rank - 1]:
+        return None
+    return x, (reducer,)
+
+
+def _read_sinks(top: fx.Node, kept: Any, visited: list[fx.Node]) -> tuple[fx.Node, Any, tuple] | Reject:
+    """Below the softmax: (the scores, the sink logits or None, the scores' other readers the fusion removes).
+
+    The softmax may read the scores shifted by their row max (GPT-OSS writes
+    it, the softmax does not see it). When the probabilities are sliced to the
+    first keys, the scores must be ``cat([scores, sinks], -1)`` with the slice
+    dropping exactly the sinks' columns.
+    """
+    node, allowed = top, ()
+    while node.target in _CASTS and _is_upcast(node) and len(value_users(node)) == 1:
+        visited.append(node)
+        node = node.args[0]
+    if (shift := _row_max_shift(node)) is not None:
+        visited.append(node)
+        node, allowed = shift
+    if kept is None:
+        return node, None, allowed
+    if node.target is not aten.cat.default or len(node.args[0]) != 2 or tensor(node).dim() != 4 \
+            or (node.args[1] if len(node.args) > 1 else 0) % 4 != 3:
+        return Reject("the probabilities are cut to their first keys, but not after sink logits were appended", node)
+    scores, sinks = node.args[0]
+    n, sk = tensor(sinks).shape[-1], tensor(scores).shape[-1]
+    if not (kept == -n or size_is(kept, sk)):
+        return Reject(f"the probabilities are cut at {kept}, not where the {n} sink column(s) start", node)
+    if len(value_users(node)) != 1 + len(allowed):
+        return Reject(f"the scores with sinks at {node.name} are read elsewhere too", node)
+    visited.append(node)
+    return scores, sinks, ()
+
+
+def _feeds_products(node: fx.Node, depth: int = 4) -> bool:
+    """Every value user of ``node`` multiplies it into values (``matmul``/``bmm`` left operand), maybe after casts.
+
+    Then the probabilities are not returned or read otherwise: each product
+    is an attention of its own (CSE may have merged identical score chains).
+    """
+    users = value_users(node)
+    return bool(users) and all(
+        (u.target in (aten.matmul.default, aten.bmm.default) and u.args[0] is node and u.args[1] is not node)
+        or (depth > 0 and (u.target in _CASTS or _is_flatten0(u) or _is_key_slice(u)) and u.args[0] is node
+            and _feeds_products(u, depth - 1))
+        for u in users
+    )
+
+
+def _is_key_slice(node: fx.Node) -> bool:
+    """``x[..., :end]`` along the last dim with step 1."""
+    if node.target is not aten.slice.Tensor or tensor(node.args[0]) is None:
+        return False
+    rank = tensor(node.args[0]).dim()
+    dim, start = (list(node.args[1:3]) + [0, 0])[:2]
+    step = node.args[4] if len(node.args) > 4 else 1
+    return dim % rank == rank - 1 and start == 0 and step == 1
+
+
+def _read_probs(probs: fx.Node, visited: list[fx.Node]) -> _Probs | Reject:
+    """The softmax the output product's left operand comes from, through casts, a flatten and a key slice.
 
     Every node read is appended to ``visited``.
     """
-    node, heads = probs, None
+    node, read = probs, _Probs(None, None)
     for _ in range(_MAX_CHAIN):
         if not isinstance(node, fx.Node):
             return Reject("the left operand of the output product is not a tensor", probs)
         visited.append(node)
+        if not _feeds_products(node):
+            users = ", ".join(u.name for u in value_users(node))
+            return Reject(f"the attention probabilities at {node.name} are also read by {users} "
+                          "(e.g. returned as attention weights)", node)
         if node.target in _SOFTMAX:
-            return node, heads
-        if (bad := _single_use(node, "the attention probabilities")) is not None:
-            return bad
+            read.softmax = node
+            return read
         if node.target in _CASTS:
             node = node.args[0]
-        elif _is_flatten0(node) and heads is None:
-            heads = tensor(node.args[0]).shape[1]
+        elif _is_flatten0(node) and read.heads is None:
+            read.heads = tensor(node.args[0]).shape[1]
+            node = node.args[0]
+        elif _is_key_slice(node) and read.kept is None:
+            read.kept = node.args[3] if len(node.args) > 3 else None
             node = node.args[0]
         else:
             return Reject(f"the attention probabilities go through {node.target} at {node.name}", node)
@@ -443,26 +538,32 @@ def _read_probs(probs: fx.Node, visited: list[fx.Node]) -> tuple[fx.Node, int | 
 
 
 def _is_softmax_fed(node: fx.Node) -> bool:
-    """A matmul/bmm whose left operand is (a cast or reshape of) a softmax: attention-like."""
+    """A matmul/bmm whose left operand is (a cast, reshape or key slice of) a softmax: attention-like."""
     left = node.args[0] if node.args else None
     for _ in range(4):
         if not isinstance(left, fx.Node):
             return False
         if left.target in _SOFTMAX:
             return True
-        if left.target not in (*_CASTS, aten.reshape.default, aten.dropout.default):
+        if left.target not in (*_CASTS, aten.reshape.default, aten.dropout.default) and not _is_key_slice(left):
             return False
         left = left.args[0]
     return False
 
 
 def _cast_mask(mask: fx.Node, dtype: torch.dtype, b: Builder) -> fx.Node:
-    """A float mask in the query's dtype, its fill values clamped so they stay finite."""
+    """A float mask in the query's dtype: finite fills below its range clamped so they stay finite, -inf kept.
+
+    A row may mix -inf (a causal mask) with a finite fill (padding at
+    ``finfo.min``): the model's softmax spreads over the finite entries only,
+    so -inf must not become a finite fill too.
+    """
     t = tensor(mask)
     if t.dtype == torch.bool or t.dtype == dtype:
         return mask
     if torch.finfo(t.dtype).max > torch.finfo(dtype).max:
-        mask = b.call(aten.clamp_min.default, mask, torch.finfo(dtype).min)
+        clamped = b.call(aten.clamp_min.default, mask, torch.finfo(dtype).min)
+        mask = b.call(aten.where.self, b.call(aten.isneginf.default, mask), mask, clamped)
     return b.call(aten.to.dtype, mask, dtype)
 
 
@@ -474,16 +575,20 @@ def eager_attention(m: Match, b: Builder) -> fx.Node | Reject | None:
     read = _read_probs(m.probs, visited)
     if isinstance(read, Reject):
         return read
-    softmax, probs_heads = read
+    softmax, probs_heads = read.softmax, read.heads
     rank = tensor(softmax).dim()
     if softmax.args[1] % rank != rank - 1:
         return Reject(f"softmax over dim {softmax.args[1]}, not the key dim", softmax)
-    if (bad := _single_use(softmax, "the attention probabilities")) is not None:
-        return bad
-    chain = _read_scores(softmax.args[0], visited)
+    below = _read_sinks(softmax.args[0], read.kept, visited)
+    if isinstance(below, Reject):
+        return below
+    top, sinks, allowed = below
+    chain = _read_scores(top, visited, allowed)
     if isinstance(chain, Reject):
         return chain
     product, steps = chain
+    if sinks is not None and tensor(product).dim() != 4:
+        return Reject("sink logits on 3-D (batch·heads) scores", product)
     q, q_scale = _peel_scale(product.args[-2])
     kT, k_scale = _peel_scale(product.args[-1])
     scores = _replay(product, steps, q_scale * k_scale, b)
@@ -506,7 +611,8 @@ def eager_attention(m: Match, b: Builder) -> fx.Node | Reject | None:
         return Reject(f"the shape of {blocked.name} is read, and no input has its dims", blocked)
     if mask is not None:
         mask = _cast_mask(mask, tensor(q).dtype, b)
-    out = b.call(OPS["attention"], q, k, v, mask, float(scores.scale), False, scores.softcap)
+    extra = () if sinks is None else (sinks,)
+    out = b.call(OPS["attention"], q, k, v, mask, float(scores.scale), False, scores.softcap, *extra)
     if tensor(m.root).dim() == 3:
         out = b.call(aten.flatten.using_ints, out, 0, 1)
     b.consume(softmax, product)

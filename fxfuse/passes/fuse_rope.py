@@ -7,11 +7,18 @@ A rotation is ``x·cos + rot(x)·sin`` with ``rot`` in one of two spellings:
 
 Partial rotary (GPT-NeoX, Phi, GPT-J) rotates only ``x = t[..., :r]`` and
 appends the rest: ``cat(rotation, t[..., r:])``; that whole form is taken too.
+A third spelling rotates the two halves with half-width tables c and s:
+``cat(a·c - b·s, b·c + a·s)`` with (a, b) the first and second half of x
+(GPT-OSS's ``chunk``), or its even and odd dims (DeepSeek-V3's interleaved
+rope, whose output is de-interleaved): that is the ``rotate_half`` rope of
+``x`` (or of ``cat(a, b)``) with the tables ``cat(c, c)`` and ``cat(s, s)``.
 The rotation of q is paired with the rotation of k that reads the same cos
 and sin, and both become one ``fxfuse.rope(q, k, cos, sin, interleaved)``.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -35,6 +42,12 @@ _pairs = P.flatten(
     Const("flat_start"), Const("flat_end"),
 ).bind("pairs").single_use()
 ROTATION = P.add(P.mul(_x, Var("cos")).single_use(), P.mul(_half | _pairs, Var("sin")).single_use())
+_a, _b, _c, _s = Var("a"), Var("b"), Var("cos"), Var("sin")
+HALVES = P.cat(
+    [P.sub(P.mul(_a, _c).single_use(), P.mul(_b, _s).single_use()).single_use(),
+     P.add(P.mul(_b, _c).single_use(), P.mul(_a, _s).single_use()).single_use()],
+    Const("cat_dim"),
+)
 PARTIAL = P.cat([ROTATION.bind("rotation").single_use(), P.slice(Var("full"), Const("pass_dim"), Const("r"), Const("pass_end"))],
                 Const("out_dim"))
 
@@ -121,6 +134,60 @@ def _pair(m: Match, b: Builder, pattern: Pattern, source: str) -> fx.Node | Reje
     return rotated[m.root]
 
 
+def _halves(a: fx.Node, b: fx.Node) -> tuple[fx.Node, bool] | None:
+    """(x, even_odd) if ``a`` and ``b`` are the two halves of ``x``'s last dim, or its even and odd dims."""
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    if a.target is operator.getitem and b.target is operator.getitem and a.args[0] is b.args[0] \
+            and (a.args[1], b.args[1]) == (0, 1):
+        split = a.args[0]
+        x = split.args[0] if split.op == "call_function" else None
+        t = tensor(x)
+        if t is None or len(split.users) != 2 or (split.args[2] if len(split.args) > 2 else 0) % t.dim() != t.dim() - 1:
+            return None
+        parts = split.args[1]
+        if split.target is aten.chunk.default:
+            halves = parts == 2
+        elif split.target is aten.split.Tensor:
+            halves = isinstance(parts, int) and size_is(2 * parts, t.shape[-1])
+        else:
+            halves = split.target is aten.split_with_sizes.default and len(parts) == 2 and parts[0] == parts[1]
+        return (x, False) if halves else None
+    if a.target is aten.slice.Tensor and b.target is aten.slice.Tensor and a.args[0] is b.args[0]:
+        x, t = a.args[0], tensor(a.args[0])
+        sa, sb = (list(n.args[1:]) + [0, 0, None, 1][len(n.args) - 1:] for n in (a, b))
+        if t is None or sa[0] % t.dim() != t.dim() - 1 or sb[0] % t.dim() != t.dim() - 1:
+            return None
+        if sa[3] == 2 and sb[3] == 2 and (sa[1], sb[1]) == (0, 1) and _to_end(sa[2], t.shape[-1]) \
+                and _to_end(sb[2], t.shape[-1]):
+            return x, True
+        if sa[3] == 1 and sb[3] == 1 and sa[1] == 0 and isinstance(sa[2], int) and sb[1] == sa[2] \
+                and size_is(2 * sa[2], t.shape[-1]) and _to_end(sb[2], t.shape[-1]):
+            return x, False
+    return None
+
+
+def _deinterleaved(x: fx.Node, b: Builder) -> fx.Node:
+    """``cat(x[..., 0::2], x[..., 1::2], -1)``."""
+    return b.call(aten.cat.default, [b.call(aten.slice.Tensor, x, -1, start, None, 2) for start in (0, 1)], -1)
+
+
+def _half_partners(m: Match) -> list[tuple[Match, tuple[fx.Node, bool]]]:
+    """Other half rotations reading the same tables, nearest first, with their halves."""
+    found = []
+    for mul in m.cos.users:
+        for combine in mul.users:
+            for root in combine.users:
+                if root is m.root:
+                    continue
+                other = match(HALVES, root)
+                if isinstance(other, Match) and other.cos is m.cos and other.sin is m.sin \
+                        and (halves := _halves(other.a, other.b)) is not None:
+                    found.append((other, halves))
+    order = {n: i for i, n in enumerate(m.root.graph.nodes)}
+    return sorted(found, key=lambda o: abs(order[o[0].root] - order[m.root]))
+
+
 def _looks_like_rope(node: fx.Node) -> bool:
     rotations = (aten.cat.default, aten.flatten.using_ints)
     return any(
@@ -143,5 +210,33 @@ def rotary_pair(m: Match, b: Builder) -> fx.Node | Reject:
     return _pair(m, b, ROTATION, "x")
 
 
-fuse_rope = RulePass([partial_rotary_pair, rotary_pair])
+@rule(HALVES)
+def half_rotation_pair(m: Match, b: Builder) -> fx.Node | Reject | None:
+    mine = _halves(m.a, m.b)
+    if mine is None or not _last(m.cat_dim, tensor(m.root).dim()):
+        return None
+    if not (size_is(tensor(m.cos).shape[-1], tensor(m.a).shape[-1]) and size_is(tensor(m.sin).shape[-1],
+                                                                               tensor(m.a).shape[-1])):
+        return Reject("the half-width cos/sin do not span half the rotary dim", m.root)
+    partners = [(o, h) for o, h in _half_partners(m) if h[1] == mine[1]]
+    if not partners:
+        return Reject("rotates one tensor alone; fxfuse.rope rotates q and k together", m.root)
+    order = {n: i for i, n in enumerate(b.graph.nodes)}
+    for other, theirs in partners:
+        (first, f_halves), (second, s_halves) = sorted(((m, mine), (other, theirs)), key=lambda r: order[r[0].root])
+        if all(order[n] < order[first.root] for n in (f_halves[0], s_halves[0], m.cos, m.sin)):
+            break
+    else:
+        return Reject("q and k are computed after the first rotation; they cannot be rotated together", m.root)
+    with b.before(first.root):
+        cos, sin = (b.call(aten.cat.default, [t, t], -1) for t in (m.cos, m.sin))
+        # the rotate_half rope of x itself, or of its de-interleaved dims (the model's output is de-interleaved)
+        sources = [_deinterleaved(x, b) if even_odd else x for x, even_odd in (f_halves, s_halves)]
+        fused = b.call(OPS["rope"], *sources, cos, sin, False)
+        rotated = {first.root: b.item(fused, 0), second.root: b.item(fused, 1)}
+    b.also_replace(other.root, rotated[other.root])
+    return rotated[m.root]
+
+
+fuse_rope = RulePass([partial_rotary_pair, rotary_pair, half_rotation_pair])
 """The fuse-rope pass."""

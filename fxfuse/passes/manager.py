@@ -166,6 +166,10 @@ class PassManager:
             result.skipped = True
             result.changed = False
             result.nodes_after = before
+        # A block one rule refused and a later pass fused (or that became dead) is not a miss.
+        alive = {node.name for node in gm.graph.nodes}
+        for result in results:
+            result.rejections = [r for r in result.rejections if r.node in alive]
         return results
 
     def _check(self, gm, result, cases: list[Probe]) -> tuple[type[PassFailure], str] | None:

@@ -63,6 +63,10 @@ class Attention(nn.Module):
             bias = torch.arange(self.hq, dtype=x.dtype)[None, :, None, None] * 0.1
             bias = bias + torch.zeros(b, 1, s, sk)
             mask = bias.masked_fill(~(keep[:, None, :, None] & keep[:, None, None, :sk]), float("-inf"))
+        elif self.mask == "min-and-inf":  # finfo.min on padded keys, -inf above the diagonal: left padding leaves
+            # rows of finfo.min and -inf only, which spread over the finfo.min keys alone
+            mask = torch.zeros(b, 1, s, sk).masked_fill(~keep[:, None, None, :sk], torch.finfo(x.dtype).min)
+            mask = mask.masked_fill(torch.ones(s, sk, dtype=torch.bool).triu(1), float("-inf"))
         out = ops.attention(q, k, v, mask, 1.0 / math.sqrt(self.d), self.causal, self.softcap)
         return out.transpose(1, 2).reshape(b, s, self.hq * 8)
 
@@ -80,6 +84,7 @@ ATTENTION_CASES = {
     "mha-key-mask-broadcast": (dict(mask="keys"), MS + "MultiHeadAttention", "Attention"),
     "causal-no-mask": (dict(causal=True), MS + "MultiHeadAttention", "Attention"),
     "causal-and-mask": (dict(mask="keys", causal=True, linears=True), MS + "Attention", "Attention"),
+    "min-padding-and-inf-causal": (dict(mask="min-and-inf"), MS + "MultiHeadAttention", "Attention"),
     "grouped-query": (dict(mask="rows", hkv=2, linears=True), MS + "GroupQueryAttention", "Attention"),
     "softcap": (dict(mask="keys", softcap=2.0), MS + "GroupQueryAttention", "Attention"),
     "cross-grouped": (dict(mask="keys", hkv=2, cross=True), "Attention", "Attention"),

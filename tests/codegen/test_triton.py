@@ -159,3 +159,17 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(fxfuse.errors.InputError, match="triton"):
         resolve_backend("triton")
     assert resolve_backend("auto", [torch.zeros(1, device="meta")]) == "eager"
+
+
+def test_attention_with_sinks_falls_back_to_the_reference_with_the_reason():
+    zoo = _zoo("gpt_oss")
+    model = zoo.build("eager").to(DEVICE)
+    example = {k: v.to(DEVICE) for k, v in zoo.inputs(2, 6).items()}
+    opt = fxfuse.optimize(model, example_kwargs=example, backend="triton")
+    attention = {n.name for n in opt.graph_module.graph.nodes if n.target is OPS["attention"]}
+    assert {node for node, _ in opt.program.fallbacks} >= attention and len(attention) == 2
+    assert {reason for node, reason in opt.program.fallbacks if node in attention} == {
+        "attention sinks (extra per-row logits) have no kernel"}
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**example).last_hidden_state,
+                                   model(**example, use_cache=False).last_hidden_state, rtol=1e-4, atol=1e-4)

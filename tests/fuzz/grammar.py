@@ -27,7 +27,7 @@ from torch import nn
 MASK_INPUTS = ("none", "bool", "long", "float01", "additive", "bool4d")
 SCALES = ("mul", "div", "q", "k", "tensor_div", "none")
 MASK_STEPS = ("additive", "masked_fill", "where", "where_mild", "bool_add", "int_add", "causal_triu",
-              "causal_arange", "sliding_window", "alibi", "number", "sub")
+              "causal_arange", "sliding_window", "alibi", "number", "sub", "additive_inplace", "masked_fill_inplace")
 SOFTMAXES = ("F", "method", "dtype32", "safe", "upcast")
 LAYOUTS = ("4d", "bmm3d", "round_trip")
 REPEATS = ("expand", "repeat_interleave")
@@ -78,7 +78,8 @@ def specs(draw) -> Spec:
     steps: tuple[str, ...] = ()
     if attention == "eager":
         allowed = [s for s in MASK_STEPS if mask_input != "none" or s not in
-                   ("additive", "masked_fill", "where", "where_mild", "bool_add", "int_add")]
+                   ("additive", "masked_fill", "where", "where_mild", "bool_add", "int_add", "additive_inplace",
+                    "masked_fill_inplace")]
         if mask_input in ("additive", "bool4d"):
             allowed = [s for s in allowed if s not in ("bool_add", "int_add")]
         steps = tuple(draw(st.lists(st.sampled_from(allowed), max_size=2, unique=True)))
@@ -275,6 +276,11 @@ class Block(nn.Module):
             return s + torch.where(keep, 0.0, torch.finfo(s.dtype).min).to(s.dtype)
         if step == "masked_fill":
             return s.masked_fill(~keep, float("-inf"))
+        if step == "additive_inplace":  # scores += mask, on the fresh scores
+            s += torch.where(keep, 0.0, torch.finfo(s.dtype).min).to(s.dtype)
+            return s
+        if step == "masked_fill_inplace":
+            return s.masked_fill_(~keep, torch.finfo(s.dtype).min)
         if step == "where":
             return torch.where(keep, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype))
         if step == "where_mild":  # a fill adding a mask cannot reproduce on a fully masked row: refused

@@ -25,3 +25,10 @@ def test_a_mild_where_fill_with_a_causal_mask_is_refused_not_fused_wrong():
     """where(keep, s, -1e4) then a causal fill: left padding masks whole rows, which the model makes uniform;
     the fused op added -1e4 instead and differed there (relative error 2.7e-3)."""
     check_block(Spec(**{**BASE, "mask_input": "additive", "mask_steps": ("where_mild", "causal_triu")}))
+
+
+def test_a_causal_minus_inf_stays_minus_inf_when_a_float32_mask_is_cast_to_bfloat16():
+    """where(causal, s, -inf) + finfo.min padding in bf16: the float32 mask was clamped to the bf16 range, turning
+    -inf into finfo.min, so a left-padded query row spread over its future keys too (relative error 7.6e-2)."""
+    check_block(Spec(**{**BASE, "mask_input": "additive", "mask_steps": ("causal_arange", "additive"),
+                        "clone_probs": True, "dtype": "bfloat16"}))

@@ -35,8 +35,8 @@ def test_capture_error_names_the_module_and_what_to_do():
     assert info.value.__cause__ is not None
 
 
-def test_inputs_that_do_not_fit_forward_get_a_capture_error():
-    with pytest.raises(fxfuse.CaptureError, match="do not fit"):
+def test_inputs_that_do_not_fit_forward_get_an_input_error():
+    with pytest.raises(fxfuse.InputError, match=r"(?s)Inner does not run on the example inputs.*takes 2 positional"):
         capture(Inner(), (torch.randn(2), torch.randn(2)))
 
 

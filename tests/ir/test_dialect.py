@@ -703,3 +703,25 @@ def test_attention_runs_under_inference_mode_and_sees_in_place_mask_changes():
         expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
         torch.testing.assert_close(hidden, expected)
         assert not torch.allclose(hidden, no_mask)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_sinks_add_to_each_rows_denominator(softcap, causal):
+    """softmax over [scores, sinks], the sink columns dropped: as GPT-OSS computes it, in float64."""
+    q, k, v = _qkv(2, 4, 2, 5, 6, 3, seed=21)
+    mask = rand(2, 1, 5, 6, seed=22)
+    sinks = torch.randn(4) * 2
+    out = ops.attention(q, k, v, mask, 0.5, causal, softcap, sinks.reshape(1, 4, 1, 1))
+    kk, vv = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+    scores = q.double() @ kk.transpose(-1, -2) * 0.5
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores + mask.double()
+    if causal:
+        scores = scores.masked_fill(torch.ones(5, 6, dtype=torch.bool).triu(1), float("-inf"))
+    joined = torch.cat([scores, sinks.double().reshape(1, 4, 1, 1).expand(2, 4, 5, 1)], -1)
+    expected = (torch.softmax(joined, -1)[..., :6] @ vv).float()
+    torch.testing.assert_close(out, expected, **F32)
+    without = ops.attention(q, k, v, mask, 0.5, causal, softcap)
+    assert not torch.allclose(out, without, atol=1e-3)

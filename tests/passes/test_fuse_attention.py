@@ -437,3 +437,49 @@ def test_a_mild_fill_is_refused_because_a_fully_masked_row_would_differ(fill):
     assert count(gm, ATTN) == 0
     (rejection,) = next(r for r in results if r.name == "fuse-attention").rejections
     assert f"replaced by {fill:g}" in rejection.reason and "finfo(float32).min" in rejection.reason
+
+
+class Sinks(torch.nn.Module):
+    """GPT-OSS attention: learned per-head sink logits joined to the scores, a row-max shift, then dropped."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(heads))
+
+    def forward(self, q, k, v, pad):
+        b, h, s, _ = q.shape
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + (1.0 - pad[:, None, None, :]) * -1e9
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
+        joined = torch.cat([scores, sinks], dim=-1)
+        joined = joined - joined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(joined, dim=-1, dtype=joined.dtype)[..., :-1]
+        return probs.to(v.dtype) @ v
+
+
+def test_attention_sinks_are_fused_into_the_op():
+    args = variant_inputs()
+    model = Sinks().eval()
+    gm = _capture_variant(model, args)
+    run_pipeline(gm, PIPELINE, *args)
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
+    assert len(node.args) == 8 and node.args[7].meta["val"].shape[-1] == 1
+    assert count(gm, aten.cat.default) + count(gm, aten.softmax.int) + count(gm, aten.max.dim) == 0
+    assert_same_outputs(model, gm, variant_inputs(b=3, sq=9, sk=9, seed=4))
+
+
+class SharedProbabilities(torch.nn.Module):
+    """One softmax read by two value products (DiffLlama's two halves of V, once CSE merged their score chains)."""
+
+    def forward(self, q, k, v, pad):
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + (1.0 - pad[:, None, None, :]) * -1e4,
+                              dim=-1)
+        return torch.cat([probs @ v, probs @ (2 * v)], dim=-1)
+
+
+def test_probabilities_read_by_two_value_products_make_two_attentions():
+    args = variant_inputs()
+    model = SharedProbabilities()
+    gm = _capture_variant(model, args)
+    run_pipeline(gm, PIPELINE, *args)
+    assert count(gm, ATTN) == 2 and count(gm, aten.softmax.int) == 0
+    assert_same_outputs(model, gm, variant_inputs(b=3, sq=7, sk=7, seed=5))

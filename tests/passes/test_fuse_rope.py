@@ -130,3 +130,33 @@ def test_every_layer_pairs_its_own_q_and_k_though_all_layers_share_cos_and_sin()
     results = run_pipeline(gm, PIPELINE, x, cos, sin)
     rope = next(r for r in results if r.name == "fuse-rope")
     assert count(gm, ops.rope.default) == 4 and rope.rejections == []
+
+
+class HalfRotation(torch.nn.Module):
+    """Rotation of the halves with half-width tables: GPT-OSS (chunk) or DeepSeek-V3 (even/odd dims, output
+    de-interleaved)."""
+
+    def __init__(self, even_odd: bool) -> None:
+        super().__init__()
+        self.even_odd = even_odd
+
+    def rotate(self, x, cos, sin):
+        a, b = (x[..., 0::2], x[..., 1::2]) if self.even_odd else torch.chunk(x, 2, dim=-1)
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+    def forward(self, q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1)[..., : q.shape[-1] // 2], sin.unsqueeze(1)[..., : q.shape[-1] // 2]
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+
+@pytest.mark.parametrize("even_odd", [False, True], ids=["chunk", "even_odd"])
+def test_half_rotations_become_one_op(even_odd):
+    args = inputs()
+    model = HalfRotation(even_odd)
+    gm = captured(model, *args)
+    results = run_pipeline(gm, PIPELINE, *args)
+    assert next(r for r in results if r.name == "fuse-rope").rewrites["half_rotation_pair"] == 1
+    assert count(gm, ops.rope.default) == 1 and count(gm, aten.sub.Tensor) == 0
+    other = inputs(b=3, s=9)
+    for got, want in zip(gm(*other), model(*other)):
+        torch.testing.assert_close(got, want)

@@ -36,7 +36,7 @@ class ZooModel:
     impls: tuple[str, ...] = ("eager", "sdpa")
     part: str | None = None  # "encoder": test the encoder of an encoder-decoder model
     modality: str = "text"  # "text" (token ids + padding mask), "image" or "audio"
-    extra_mlp_ops: int = 0  # activations outside the layers' MLPs (e.g. after a convolution stem)
+    extra_mlp_ops: int = 0  # activations beyond one per layer (a convolution stem, shared experts, a dense layer)
     kv_heads: int | None = None  # key/value heads, where the config does not say num_key_value_heads
 
     def build(self, impl: str) -> torch.nn.Module:
@@ -216,5 +216,94 @@ ZOO += [
              impls=("eager",)),
 ]
 
+_MOE = dict(num_experts=4, num_experts_per_tok=2)
+_MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+_LOCAL_GLOBAL = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+
+# Families released in the last two years (windows of 4 < the test sequences, so local layers mask something).
+ZOO += [
+    # Gemma 3: alternating sliding/global layers with their own rope tables, q/k RMSNorm, sandwich norms, GeGLU.
+    ZooModel("gemma3", _decoder(transformers.Gemma3TextConfig, num_key_value_heads=2, head_dim=8,
+                                query_pre_attn_scalar=8, **_LOCAL_GLOBAL),
+             attention=LAYERS, norms=6 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Qwen3-MoE: softmax → top-k router, experts through grouped GEMMs, q/k norm.
+    ZooModel("qwen3_moe", _decoder(transformers.Qwen3MoeConfig, num_key_value_heads=2, head_dim=8,
+                                   moe_intermediate_size=HIDDEN, **_MOE),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Qwen2-MoE: routed experts plus a sigmoid-gated shared expert (two gated MLPs per layer).
+    ZooModel("qwen2_moe", _decoder(transformers.Qwen2MoeConfig, num_key_value_heads=2, moe_intermediate_size=HIDDEN,
+                                   shared_expert_intermediate_size=2 * HIDDEN, **_MOE),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", extra_mlp_ops=LAYERS, rope=LAYERS),
+    ZooModel("olmoe", _decoder(transformers.OlmoeConfig, num_key_value_heads=2, **_MOE),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # MiniCPM3: latent attention (MLA) with a decoupled rotary key shared by the heads, rotate_half rope.
+    ZooModel("minicpm3", _decoder(transformers.MiniCPM3Config, num_key_value_heads=HEADS, dim_model_base=HIDDEN,
+                                  **_MLA),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # ModernBERT: rotary encoder, alternating global/local attention, GeGLU, bias-free LN (layer 0 has no attn norm).
+    ZooModel("modernbert", lambda: transformers.ModernBertConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, max_position_embeddings=64, local_attention=4,
+                layer_types=["full_attention", "sliding_attention"], pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                cls_token_id=0, sep_token_id=0),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Nomic BERT: post-LN rotary encoder with SwiGLU (embedding models).
+    ZooModel("nomic_bert", lambda: transformers.NomicBertConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, max_position_embeddings=64, pad_token_id=0),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="layer_norm", residual_norms=2 * LAYERS + 1,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # OLMo 2: norms on the branch outputs (post-norm) and q/k RMSNorm over the whole projection.
+    ZooModel("olmo2", _decoder(transformers.Olmo2Config, num_key_value_heads=2),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=1,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # SmolLM3: no rope on every other layer.
+    ZooModel("smollm3", _decoder(transformers.SmolLM3Config, num_key_value_heads=2, no_rope_layer_interval=2),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=1),
+    # GLM-4: partial interleaved rotary, sandwich norms after attention and MLP.
+    ZooModel("glm4", _decoder(transformers.Glm4Config, num_key_value_heads=2, head_dim=8),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # DeepSeek-V3: MLA with a decoupled rotary key shared by the heads (q·k head dim 12, v 8), interleaved rope
+    # whose output is de-interleaved, sigmoid group-limited router, a shared expert, a dense first layer
+    # (three gated MLPs: dense, routed experts, shared expert).
+    ZooModel("deepseek_v3", _decoder(transformers.DeepseekV3Config, num_key_value_heads=HEADS, n_routed_experts=4,
+                                     num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=HIDDEN,
+                                     first_k_dense_replace=1, n_group=2, topk_group=1, **_MLA),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", extra_mlp_ops=1, rope=LAYERS),
+    # GPT-OSS: learned per-head sink logits joined to the scores and dropped after the softmax, alternating
+    # sliding/full layers, half-width YaRN rope on chunked halves, MoE whose clamped SwiGLU fuses its x·σ(1.702x)
+    # core ("gelu"). Hugging Face gives it no SDPA path.
+    ZooModel("gpt_oss", _decoder(transformers.GptOssConfig, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                 num_experts_per_tok=2, **_LOCAL_GLOBAL),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gelu", rope=LAYERS, impls=("eager",)),
+    # DiffLlama: differential attention, two softmax maps per layer over the halves of V (two attention ops per
+    # layer; in the eager spelling CSE first merges the two identical score chains into one softmax).
+    ZooModel("diffllama", _decoder(transformers.DiffLlamaConfig, num_key_value_heads=2),
+             attention=2 * LAYERS, norms=3 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Cohere 2: parallel attention/MLP on one hand-written LayerNorm, interleaved rope on the sliding layers only.
+    ZooModel("cohere2", _decoder(transformers.Cohere2Config, num_key_value_heads=2, **_LOCAL_GLOBAL),
+             attention=LAYERS, norms=LAYERS + 1, norm_op="layer_norm", residual_norms=LAYERS,
+             mlp_op="gated_mlp_act", rope=1),
+    # HunYuan dense: q/k RMSNorm after the rope (the rope's final add is no residual).
+    ZooModel("hunyuan_v1_dense", _decoder(transformers.HunYuanDenseV1Config, num_key_value_heads=2, head_dim=8),
+             attention=LAYERS, norms=4 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+    # Granite: scalar multipliers on embeddings, residuals, attention scores and logits.
+    ZooModel("granite", _decoder(transformers.GraniteConfig, num_key_value_heads=2, embedding_multiplier=2.0,
+                                 residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=2.0),
+             attention=LAYERS, norms=2 * LAYERS + 1, norm_op="rms_norm", residual_norms=2 * LAYERS,
+             mlp_op="gated_mlp_act", rope=LAYERS),
+]
 CASES = [(m, impl) for m in ZOO for impl in m.impls]
 CASE_IDS = [f"{m.name}-{impl}" for m, impl in CASES]

@@ -15,9 +15,19 @@ UNFUSED = {aten.softmax.int, aten.scaled_dot_product_attention.default, aten.lay
            aten.rsqrt.default, aten.rms_norm.default, aten.silu.default, aten.gelu.default}
 
 
+def _near_topk(node, hops: int = 3) -> bool:
+    """A ``topk`` within a few steps of ``node``, up or down the graph."""
+    frontier = {node}
+    for _ in range(hops):
+        frontier = {m for n in frontier for m in [*n.users, *n.all_input_nodes]}
+        if any(n.target is aten.topk.default for n in frontier):
+            return True
+    return False
+
+
 def _is_router_softmax(node) -> bool:
-    """A mixture-of-experts router's softmax (feeding top-k), not attention."""
-    return node.target is aten.softmax.int and all(u.target is not aten.matmul.default for u in node.users)
+    """A mixture-of-experts router's softmax (before or after its top-k), not attention."""
+    return node.target is aten.softmax.int and _near_topk(node)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
