@@ -34,7 +34,7 @@ from torch import nn
 
 from fxfuse.api import OptimizedModule, check_example, optimize
 from fxfuse.errors import FxfuseError, InputError
-from fxfuse.ir.capture import default_dynamic_shapes
+from fxfuse.ir.capture import default_dynamic_shapes, quiet_loggers
 from fxfuse.ir.inputs import derive_probes, grown_sizes, standalone
 from fxfuse.ir.numerics import compare
 from fxfuse.passes import DEFAULT_PIPELINE
@@ -282,7 +282,8 @@ def _export(opt: OptimizedModule, args: tuple, kwargs: dict, target: str, dynami
     shapes = default_dynamic_shapes(gm, args, kwargs) if dynamic else None
     quiet = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), \
+                quiet_loggers(logging.ERROR, "torch.onnx", "onnx_ir", "onnxscript"):
             warnings.simplefilter("ignore")
             # The optimized graph module re-exported as is (non-strict): the fxfuse ops stay opaque nodes.
             with torch.no_grad():
@@ -327,20 +328,6 @@ def _static_dims_as_ints(model: Any) -> None:
                  else d for d in value.shape]
         if fixed != list(value.shape):
             value.shape = ir.Shape(fixed)
-
-
-@contextlib.contextmanager
-def _quiet_loggers():
-    """The exporter's progress lines and the IR library's notes; errors still surface as exceptions."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _save(program, staged: Path) -> None:

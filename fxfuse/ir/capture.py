@@ -12,10 +12,12 @@ ops, fake values on every node) for the same passes.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -221,9 +223,25 @@ def _export_reproducing(model: nn.Module, grown: tuple[tuple, dict], example: tu
     from fxfuse.ir.numerics import compare
 
     try:
-        gm = _export(model, *grown, None)
+        with quiet_loggers(logging.CRITICAL, "torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes"):
+            gm = _export(model, *grown, None)
         with torch.no_grad():
             ok = compare(reference, gm(*example[0], **example[1])).ok
     except Exception:
         return None
     return gm if ok else None
+
+
+@contextlib.contextmanager
+def quiet_loggers(level: int, *names: str) -> Iterator[None]:
+    """Raise the named loggers to ``level`` inside the block: messages of torch's that fxfuse handles itself
+    (a growth attempt's failure) or that are progress lines; errors still surface as exceptions."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -192,11 +192,25 @@ def _out_of_place(target: torch._ops.OpOverload) -> torch._ops.OpOverload | None
     return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
+def _aliases_only_a_fresh_temporary(node: object) -> bool:
+    """``node`` is a fresh temporary, or a chain of views of one, that nothing but the next link reads."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or len(node.users) != 1 or node.op != "call_function" \
+                or not isinstance(node.target, torch._ops.OpOverload) or node.target._schema.is_mutable:
+            return False
+        if all(r.alias_info is None for r in node.target._schema.returns):
+            return True
+        node = node.args[0]  # a view: writing it writes its base too, which must be as private
+    return False
+
+
 def functionalize_inplace(gm: fx.GraphModule, mode) -> int:
     """``y = op_(x, ...)`` → ``y = op(x, ...)`` where ``x`` is a fresh temporary only ``op_`` reads.
 
     Then nothing can observe that ``x`` was overwritten, so the out-of-place op
-    computes the same value (checked: same dtype and shape as ``x``).
+    computes the same value (checked: same dtype and shape as ``x``). ``x``
+    may also be a view of such a temporary (``s.view(b, h, q, k).add_(m)``)
+    whose base nothing else reads.
     """
     rewritten = 0
     for node in list(gm.graph.nodes):
@@ -205,12 +219,8 @@ def functionalize_inplace(gm: fx.GraphModule, mode) -> int:
             continue
         functional = _out_of_place(target) if target._schema.is_mutable else None
         source = node.args[0]
-        if functional is None or not isinstance(source, fx.Node) or len(source.users) != 1:
+        if functional is None or not _aliases_only_a_fresh_temporary(source):
             continue
-        if source.op != "call_function" or not isinstance(source.target, torch._ops.OpOverload):
-            continue
-        if any(r.alias_info is not None for r in source.target._schema.returns) or source.target._schema.is_mutable:
-            continue  # a view or an in-place result: writing it writes another tensor too
         b = Builder(gm.graph, mode, node)
         out = b.call(functional, *node.args, **node.kwargs)
         if tensor(out) is None or tensor(out).dtype != tensor(source).dtype or not same_shape(tensor(out), tensor(source)):

@@ -32,3 +32,10 @@ def test_a_causal_minus_inf_stays_minus_inf_when_a_float32_mask_is_cast_to_bfloa
     -inf into finfo.min, so a left-padded query row spread over its future keys too (relative error 7.6e-2)."""
     check_block(Spec(**{**BASE, "mask_input": "additive", "mask_steps": ("causal_arange", "additive"),
                         "clone_probs": True, "dtype": "bfloat16"}))
+
+
+def test_scores_added_to_in_place_through_a_view_fuse():
+    """bmm scores viewed as 4-D, then ``s += mask``: the in-place add on a view was not made functional, so the
+    score chain stopped at ``add_`` and the attention was left unfused."""
+    check_block(Spec(**{**BASE, "kv_heads": 2, "layout": "bmm3d", "mask_input": "bool",
+                        "mask_steps": ("additive_inplace",)}))

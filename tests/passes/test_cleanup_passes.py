@@ -76,3 +76,26 @@ def test_views_of_mutated_tensors_are_kept_and_others_dropped():
     kept = [n for n in gm.graph.nodes if n.target is aten.slice.Tensor]
     assert len(kept) == 2
     assert all(n.args[0].target in (aten.zeros_like.default, aten.slice.Tensor) for n in kept)
+
+
+class InPlaceThroughAView(torch.nn.Module):
+    def __init__(self, base_read_later: bool) -> None:
+        super().__init__()
+        self.base_read_later = base_read_later
+
+    def forward(self, x, m):
+        s = x @ x.transpose(0, 1)
+        view = s.view(-1)
+        view += m  # writes s too
+        return (view, s.sum()) if self.base_read_later else view * 2
+
+
+def test_in_place_ops_on_a_private_view_become_out_of_place_but_not_when_the_base_is_read():
+    x, m = torch.randn(3, 4), torch.randn(9)
+    gm = captured(InPlaceThroughAView(False), x, m)
+    result = PASSES["canonicalize"](gm)
+    assert result.rewrites["functionalize_inplace"] == 1 and count(gm, aten.add_.Tensor) == 0
+    torch.testing.assert_close(gm(x, m), InPlaceThroughAView(False)(x, m))
+    shared = captured(InPlaceThroughAView(True), x, m)
+    assert PASSES["canonicalize"](shared).rewrites["functionalize_inplace"] == 0
+    assert count(shared, aten.add_.Tensor) == 1
