@@ -54,7 +54,9 @@ class OptimizedModule(nn.Module):
             kwargs.setdefault(name, value)
         if self.static_dims:
             self._check_static_dims(args, kwargs)
-        run = self.program if self.program is not None else self.graph_module
+        # Under torch.compile the fused graph is traced, not the program: its linears are Inductor's to
+        # generate, and the dialect ops stay single nodes (the program calls their implementations directly).
+        run = self.program if self.program is not None and not torch.compiler.is_compiling() else self.graph_module
         try:
             return run(*args, **kwargs)
         except AssertionError as e:  # export's input guards

@@ -8,7 +8,13 @@ and the ONNX exporter see it as one opaque node. Each has:
 * a docstring that states its exact semantics; back ends must match it.
 
 Layout conventions follow ``torch.nn.functional.scaled_dot_product_attention``:
-attention tensors are (batch, heads, seq, head_dim).
+attention tensors are (batch, heads, seq, head_dim). Output memory layouts
+are part of each op's contract, because compilers (Inductor) plan buffers from
+the fake implementation's strides: ``attention`` returns its (B, H, S, D)
+result laid out as (B, S, H, D) in memory, the layout SDPA's CPU and flash
+kernels write and the one the following ``transpose(1, 2).reshape(B, S, H·D)``
+reads without a copy; every other op returns the layout ``torch.empty_like``
+gives its first input. Backward formulas are in ``fxfuse.ir.gradients``.
 """
 
 from __future__ import annotations
@@ -70,17 +76,40 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if softcap is not None or sinks is not None:
-        return _explicit_attention(q, k, v, mask, scale, causal, softcap, sinks)
+        return _seq_major(_explicit_attention(q, k, v, mask, scale, causal, softcap, sinks))
     mask, causal = _simplify_mask(mask, causal, q.shape[-2], k.shape[-2])
     if causal and mask is not None:
         # SDPA's math kernel refuses a mask together with is_causal: fold one into the other.
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
         causal = False
-    return F.scaled_dot_product_attention(
+    return _seq_major(F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
-    )
+    ))
+
+
+def _seq_major_empty(like: Tensor, shape: tuple) -> Tensor:
+    """An empty (B, H, S, D) tensor laid out as (B, S, H, D) in memory."""
+    b, h, s, d = shape
+    return like.new_empty((b, s, h, d)).transpose(1, 2)
+
+
+def _seq_major(out: Tensor) -> Tensor:
+    """``out`` in attention's output layout, (B, S, H, D) in memory (copied only if it is not)."""
+    if out.stride() == _seq_major_empty(out, tuple(out.shape)).stride():
+        return out
+    return _seq_major_empty(out, tuple(out.shape)).copy_(out)
+
+
+def _like(out: Tensor, first: Tensor) -> Tensor:
+    """``out`` in the layout ``torch.empty_like(first)`` has (copied only if it is not)."""
+    if out.is_contiguous() and first.is_contiguous():
+        return out
+    template = torch.empty_like(first, dtype=out.dtype)
+    if template.shape != out.shape or out.stride() == template.stride():
+        return out
+    return template.copy_(out)
 
 
 def _simplify_mask(mask: Optional[Tensor], causal: bool, sq: int, sk: int) -> tuple[Optional[Tensor], bool]:
@@ -130,10 +159,11 @@ def _mask_kind(mask: Tensor, sq: int, sk: int) -> str:
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
                         softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
-    """The soft-capped and sink cases, which SDPA cannot express: scores in float32, then softmax."""
+    """The soft-capped and sink cases, which SDPA cannot express: scores in (at least) float32, then softmax."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    wide = torch.promote_types(q.dtype, torch.float32)  # at least float32
+    scores = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
@@ -143,7 +173,7 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         scores = scores.masked_fill(~keep, float("-inf"))
     empty = scores.amax(-1, keepdim=True) == float("-inf")
     if sinks is not None:
-        extra = sinks.float().expand(*scores.shape[:-1], sinks.shape[-1])
+        extra = sinks.to(wide).expand(*scores.shape[:-1], sinks.shape[-1])
         probs = torch.softmax(torch.cat([scores, extra], dim=-1), dim=-1)[..., : scores.shape[-1]]
     else:
         probs = torch.softmax(scores, dim=-1)
@@ -157,7 +187,7 @@ torch.library.custom_op("fxfuse::attention", attention, mutates_args=())
 @torch.library.register_fake("fxfuse::attention")
 def _(q, k, v, mask=None, scale=None, causal=False, softcap=None, sinks=None):
     _check_gqa(q, k, v)
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return _seq_major_empty(q, (*q.shape[:-1], v.shape[-1]))
 
 
 def _rms(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
@@ -172,7 +202,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     y = (x' · rsqrt(mean(x'², -1) + eps)).to(x.dtype) with x' = x.float(),
     then ``weight * y`` when a weight is given (dtype: promotion of the two).
     """
-    return _rms(x, weight, eps)
+    return _like(_rms(x, weight, eps), x)
 
 
 torch.library.custom_op("fxfuse::rms_norm", rms_norm, mutates_args=())
@@ -181,15 +211,15 @@ torch.library.custom_op("fxfuse::rms_norm", rms_norm, mutates_args=())
 @torch.library.register_fake("fxfuse::rms_norm")
 def _(x, weight, eps):
     dtype = x.dtype if weight is None else torch.promote_types(weight.dtype, x.dtype)
-    return x.new_empty(x.shape, dtype=dtype)
+    return torch.empty_like(x, dtype=dtype)
 
 
 def add_rms_norm(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor]:
     """Residual add fused with RMSNorm: s = x + residual; returns (rms_norm(s, weight, eps), s)."""
-    s = x + residual
-    return _rms(s, weight, eps), s
+    s = _like(x + residual, x)
+    return _like(_rms(s, weight, eps), s), s
 
 
 torch.library.custom_op("fxfuse::add_rms_norm", add_rms_norm, mutates_args=())
@@ -197,9 +227,17 @@ torch.library.custom_op("fxfuse::add_rms_norm", add_rms_norm, mutates_args=())
 
 @torch.library.register_fake("fxfuse::add_rms_norm")
 def _(x, residual, weight, eps):
-    s = x + residual
+    s = _add_fake(x, residual)
     dtype = s.dtype if weight is None else torch.promote_types(weight.dtype, s.dtype)
-    return s.new_empty(s.shape, dtype=dtype), s
+    return torch.empty_like(s, dtype=dtype), s
+
+
+def _add_fake(x: Tensor, residual: Tensor) -> Tensor:
+    """The fake residual sum: the broadcast shape and promoted dtype, in the layout ``empty_like(x)`` has."""
+    s = x + residual
+    if s.shape == x.shape:
+        return torch.empty_like(x, dtype=s.dtype)
+    return torch.empty_like(s)
 
 
 def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
@@ -208,7 +246,7 @@ def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float)
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased variance)."""
-    return _ln(x, weight, bias, eps)
+    return _like(_ln(x, weight, bias, eps), x)
 
 
 torch.library.custom_op("fxfuse::layer_norm", layer_norm, mutates_args=())
@@ -223,8 +261,8 @@ def add_layer_norm(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor]:
     """Residual add fused with LayerNorm: s = x + residual; returns (layer_norm(s, weight, bias, eps), s)."""
-    s = x + residual
-    return _ln(s, weight, bias, eps), s
+    s = _like(x + residual, x)
+    return _like(_ln(s, weight, bias, eps), s), s
 
 
 torch.library.custom_op("fxfuse::add_layer_norm", add_layer_norm, mutates_args=())
@@ -232,7 +270,7 @@ torch.library.custom_op("fxfuse::add_layer_norm", add_layer_norm, mutates_args=(
 
 @torch.library.register_fake("fxfuse::add_layer_norm")
 def _(x, residual, weight, bias, eps):
-    s = x + residual
+    s = _add_fake(x, residual)
     return torch.empty_like(s), s
 
 
@@ -248,7 +286,7 @@ def _activation(x: Tensor, activation: str) -> Tensor:
 
 def gated_mlp_act(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     """act(gate) * up, with act one of "silu", "gelu" (erf) or "gelu_tanh"."""
-    return _activation(gate, activation) * up
+    return _like(_activation(gate, activation) * up, gate)
 
 
 torch.library.custom_op("fxfuse::gated_mlp_act", gated_mlp_act, mutates_args=())
@@ -258,7 +296,7 @@ torch.library.custom_op("fxfuse::gated_mlp_act", gated_mlp_act, mutates_args=())
 def _(gate, up, activation):
     if activation not in GATED_ACTIVATIONS:
         raise ValueError(f"fxfuse.gated_mlp_act: activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
-    return torch.empty_like(gate * up)
+    return _add_fake(gate, up)
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -267,8 +305,8 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"fxfuse.gelu: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
     if approximate == "sigmoid":
-        return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
-    return F.gelu(x, approximate=approximate)
+        return _like(x * torch.sigmoid(QUICK_GELU_ALPHA * x), x)
+    return _like(F.gelu(x, approximate=approximate), x)
 
 
 torch.library.custom_op("fxfuse::gelu", gelu, mutates_args=())
@@ -316,7 +354,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fal
     rot(x)[2i+1] = x[2i]). Dims R..D pass through unchanged (partial rotary).
     """
     _check_rope(q, k, cos, sin)
-    return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+    return _like(_rotate(q, cos, sin, interleaved), q), _like(_rotate(k, cos, sin, interleaved), k)
 
 
 torch.library.custom_op("fxfuse::rope", rope, mutates_args=())
@@ -325,7 +363,7 @@ torch.library.custom_op("fxfuse::rope", rope, mutates_args=())
 @torch.library.register_fake("fxfuse::rope")
 def _(q, k, cos, sin, interleaved=False):
     _check_rope(q, k, cos, sin)
-    return torch.empty_like(q * cos[..., :1]), torch.empty_like(k * cos[..., :1])
+    return _add_fake(q, cos[..., :1]), _add_fake(k, cos[..., :1])
 
 
 OPS = {
@@ -347,3 +385,8 @@ REFERENCE = {name: globals()[name] for name in OPS}
 def is_dialect_op(target: object) -> bool:
     """True if ``target`` (an fx node target) is an fxfuse dialect op."""
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "fxfuse"
+
+
+from fxfuse.ir import gradients  # noqa: E402  (its formulas read this module's helpers)
+
+gradients.register()

@@ -12,17 +12,22 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
-    """The fake mode that produced the graph's fake values (one per captured graph)."""
-    mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if "val" in n.meta])
-    if mode is None:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-    return mode
+    """The fake mode that produced the graph's fake values (one per captured graph).
+
+    Read off the values themselves: inside a torch.compile backend,
+    ``detect_fake_mode`` would return the tracing context's mode, another one.
+    """
+    for node in gm.graph.nodes:
+        for value in pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(value, FakeTensor):
+                return value.fake_mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def attr_of(gm: fx.GraphModule, target: str) -> Any:

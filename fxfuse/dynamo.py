@@ -1,0 +1,302 @@
+"""fxfuse as a ``torch.compile`` backend: ``torch.compile(model, backend="fxfuse")``.
+
+Dynamo hands a backend a Torch-level graph (``F.linear`` calls, Python
+operators, parameters as inputs, no fake values on the nodes) together with
+the call's real inputs and, where a dim is dynamic, its symbolic size. The
+backend
+
+1. re-traces the graph to ATen with ``make_fx(pre_dispatch=True)`` inside
+   Dynamo's own fake mode: the pre-dispatch form torch.export gives
+   ``optimize()`` (``aten.linear``, SDPA, softmax and SiLU not decomposed,
+   nothing functionalized), with a fake value on every node and Dynamo's
+   symbolic sizes, so one graph serves every size of a dynamic dim and any
+   guard a pass adds goes into Dynamo's guards;
+2. runs the pass pipeline as ``optimize()`` does, each pass validated on the
+   call's real inputs and on probes derived from them (padded masks, redrawn
+   ids), with the inputs the graph writes to (a static KV cache) copied for
+   every run and the random seed fixed, so dropout draws alike;
+3. lowers the fused graph: ``"eager"`` (the eager back end: oneDNN linears
+   with fused epilogues when no gradient is needed, the dialect ops'
+   implementations), ``"inductor"`` (Inductor generates everything around the
+   dialect ops, which it calls as extern kernels and differentiates with
+   their registered formulas) or ``"triton"`` (fxfuse's kernels, on CUDA).
+
+A graph the backend cannot handle runs as Dynamo gave it: the reason is
+logged on the ``fxfuse`` logger and kept in that graph's report, and the
+user's ``torch.compile`` call never fails because of fxfuse (under
+``fxfuse.errors.strict()``, as in the tests, the error propagates). Each
+compiled graph's :class:`~fxfuse.report.Report` is kept on the backend
+(``Backend.reports``); :func:`last_report` gives the most recent one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxfuse.codegen import lower as lower_program
+from fxfuse.codegen import triton_available
+from fxfuse.errors import InputError, is_strict
+from fxfuse.ir.inputs import Probe, derive_probes
+from fxfuse.ir.numerics import compare
+from fxfuse.passes import DEFAULT_PIPELINE, PassManager, resolve
+from fxfuse.passes.manager import PassResult, validate_on
+from fxfuse.report import Report, count_dialect_ops
+
+log = logging.getLogger("fxfuse")
+
+LOWERINGS = ("auto", "eager", "inductor", "triton")
+_LAST: list[Report] = []  # the most recent report of any backend, for last_report()
+
+
+class Backend:
+    """A ``torch.compile`` backend that fuses each graph Dynamo hands it; pass it as ``backend=``.
+
+    ``passes`` names the pipeline (default: ``fxfuse.passes.DEFAULT_PIPELINE``);
+    ``lower`` is "eager", "inductor", "triton", or "auto" (Triton for CUDA
+    graphs when Triton is installed, else eager); ``validate`` checks every
+    pass on the call's inputs and probes (a pass that fails is rolled back).
+    ``reports`` holds one :class:`~fxfuse.report.Report` per compiled graph
+    and ``graph_modules`` each fused graph (None where a graph ran unfused).
+    """
+
+    def __init__(self, passes: Sequence[str] | None = None,
+                 lower: Literal["auto", "eager", "inductor", "triton"] = "auto", validate: bool = True) -> None:
+        if lower not in LOWERINGS:
+            raise InputError(f"lower must be one of {LOWERINGS}, got {lower!r}")
+        self.pipeline = resolve(list(passes) if passes is not None else list(DEFAULT_PIPELINE))
+        self.lower = lower
+        self.validate = validate
+        self.reports: list[Report] = []
+        self.graph_modules: list[fx.GraphModule | None] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        report = Report(model=_graph_name(), backend=self.lower, passes=[], ops={}, capture_seconds=0.0)
+        self.reports.append(report)
+        self.graph_modules.append(None)
+        slot = len(self.graph_modules) - 1
+        _LAST[:] = [report]
+        try:
+            program, self.graph_modules[slot] = self._compile(gm, example_inputs, report)
+            return program
+        except Exception as e:
+            if is_strict():
+                raise
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            report.notes.append(f"ran unfused: {reason}")
+            log.warning("fxfuse: graph %s runs unfused (%s)", report.model, reason)
+            return gm.forward
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any],
+                 report: Report) -> tuple[Callable, fx.GraphModule]:
+        """The program to run for Dynamo's graph ``gm``, and the fused graph."""
+        start = time.perf_counter()
+        specialized, floats = specialize_floats(gm, example_inputs)
+        if floats:
+            report.notes.append(f"{len(floats)} float input(s) Dynamo passed as tensors (eps, scales: "
+                                "torch.compile(dynamic=True)) are taken as constants; a call with other values "
+                                "runs the unfused graph")
+        aten_gm = to_aten(specialized)
+        report.capture_seconds = time.perf_counter() - start
+        inputs = Inputs(gm, example_inputs)
+        cases: list[Probe] = []
+        if self.validate:
+            reference = inputs.call(gm, inputs.real, {})
+            outcome = compare(reference, inputs.call(aten_gm, inputs.real, {}))
+            if not outcome.ok:
+                raise RuntimeError(f"the ATen graph does not reproduce Dynamo's graph: {outcome.detail}")
+            cases = [Probe("the call's inputs", inputs.real, {}, reference), *inputs.probes(gm)]
+        lowering = self._lowering(example_inputs)
+        report.backend = lowering
+        # Every validation runs the whole graph: validate the lowered program once, and look for the pass at
+        # fault (validating after each, on a fresh graph) only when it fails.
+        manager = PassManager(self.pipeline, validate=False, on_failure="skip")
+        report.passes = manager.run(aten_gm)
+        program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, report)
+        if failure is not None and validate_on(aten_gm, cases, PassResult("fused graph"), inputs.call) is not None:
+            aten_gm = to_aten(specialized)
+            manager = PassManager(self.pipeline, validate=True, on_failure="skip", call=inputs.call)
+            report.passes = manager.run(aten_gm, (cases[0].args, cases[0].kwargs), cases[0].reference,
+                                        probes=cases[1:])
+            program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, report)
+        report.ops = count_dialect_ops(aten_gm)
+        if failure is not None:  # the fused graph is right; its lowering is not
+            checked = PassResult(f"codegen-{lowering}", skipped=True, error=failure)
+            report.passes.append(checked)
+            report.lowered = {}
+            report.notes.append(f"the {lowering} lowering is not used: {failure}")
+            program = aten_gm
+            validate_on(program, cases, checked, inputs.call)
+            report.max_error, report.validated_on = checked.max_error, checked.validated_on
+        return (FloatGuard(program, gm.forward, floats, report.model) if floats else program), aten_gm
+
+    @staticmethod
+    def _lower(gm: fx.GraphModule, lowering: str, example_inputs: list[Any], cases: list[Probe], inputs: Inputs,
+               report: Report) -> tuple[Callable, str | None]:
+        """The lowered program of ``gm`` and, when it differs from the reference on a case, why."""
+        if lowering == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            program = compile_fx(gm, example_inputs)
+        else:
+            program = lower_program(gm, lowering)
+            report.lowered = program.lowered
+        if not cases:
+            return program, None
+        checked = PassResult(f"codegen-{lowering}")
+        failure = validate_on(program, cases, checked, inputs.call)
+        report.max_error, report.validated_on = checked.max_error, checked.validated_on
+        return program, None if failure is None else failure[1]
+
+    def _lowering(self, example_inputs: list[Any]) -> str:
+        if self.lower != "auto":
+            return self.lower
+        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+        return "triton" if on_cuda and triton_available() else "eager"
+
+
+def backend(passes: Sequence[str] | None = None, lower: Literal["auto", "eager", "inductor", "triton"] = "auto",
+            validate: bool = True) -> Backend:
+    """A ``torch.compile`` backend with options: ``torch.compile(model, backend=fxfuse.backend(lower="inductor"))``.
+
+    ``backend="fxfuse"`` is ``backend()`` with the defaults (registered
+    through the ``torch_dynamo_backends`` entry point).
+    """
+    return Backend(passes, lower, validate)
+
+
+def last_report() -> Report | None:
+    """The report of the graph an fxfuse backend compiled last, or None before any."""
+    return _LAST[0] if _LAST else None
+
+
+def to_aten(gm: fx.GraphModule) -> fx.GraphModule:
+    """Dynamo's graph re-traced to pre-dispatch ATen in Dynamo's fake mode, with a fake value on every node."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    fakes = [node.meta.get("example_value") for node in placeholders]
+    # The mode of Dynamo's own fake values; it shares Dynamo's shape environment (sizes and guards).
+    mode = next((x.fake_mode for x in fakes if isinstance(x, FakeTensor)), None)
+    if mode is None:
+        raise RuntimeError("Dynamo's graph carries no fake values (example_value) to trace it with")
+    with mode:
+        return make_fx(gm, pre_dispatch=True)(*fakes)
+
+
+def specialize_floats(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[fx.GraphModule, dict[int, float]]:
+    """A copy of ``gm`` with the floats Dynamo lifted into 0-d tensor inputs read as constants.
+
+    Under ``dynamic=True`` Dynamo passes Python floats (a norm's eps, an
+    attention scale) as 0-d tensors that the graph reads with ``.item()``; the
+    fusion rules need them as numbers. Returns the copy and, by input index,
+    the values taken (the caller must check them on every call: Dynamo does not
+    guard them).
+    """
+    graph = copy.deepcopy(gm.graph)
+    floats: dict[int, float] = {}
+    for index, (node, value) in enumerate(zip(graph.find_nodes(op="placeholder"), example_inputs)):
+        if not getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False) or not isinstance(value, torch.Tensor):
+            continue
+        reads = list(node.users)
+        if not reads or not all(u.op == "call_method" and u.target == "item" for u in reads):
+            continue
+        number = value.item()
+        for read in reads:
+            for user in list(read.users):
+                user.args = fx.node.map_arg(user.args, lambda n, r=read: number if n is r else n)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda n, r=read: number if n is r else n)
+            graph.erase_node(read)
+        floats[index] = number
+    return fx.GraphModule(gm, graph), floats
+
+
+class FloatGuard:
+    """Runs ``program`` while the specialized float inputs keep their values, else the unfused graph."""
+
+    def __init__(self, program: Callable, unfused: Callable, floats: dict[int, float], name: str) -> None:
+        self.program, self.unfused, self.floats, self.name = program, unfused, floats, name
+        self.warned = False
+
+    def __call__(self, *args: Any) -> Any:
+        for index, value in self.floats.items():
+            if args[index].item() != value:
+                if not self.warned:
+                    log.warning("fxfuse: %s: input %d is %r, not the %r it was fused with; running it unfused",
+                                self.name, index, args[index].item(), value)
+                    self.warned = True
+                return self.unfused(*args)
+        return self.program(*args)
+
+
+class Inputs:
+    """The real inputs of one Dynamo graph, and how validation runs a program on them.
+
+    Dynamo passes a backend the call's real tensors, and a symbolic int for
+    each dynamic size; ``real`` has the hint of each instead. ``call`` runs a
+    program on a copy of every input the graph may write to (anything that is
+    not a parameter), under a fixed random seed.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+        self.real = tuple(_concrete(x) for x in example_inputs)
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        self.state = [_is_model_state(node, x) for node, x in zip(placeholders, example_inputs)]
+
+    @staticmethod
+    def call(program: Callable, args: tuple, kwargs: dict) -> Any:
+        copies = tuple(x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter) else x
+                       for x in args)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return program(*copies, **kwargs)
+
+    def probes(self, gm: fx.GraphModule) -> list[Probe]:
+        """Probes at the call's shapes (padded masks, redrawn ids and features); parameters and buffers kept."""
+        user = [i for i, (x, state) in enumerate(zip(self.real, self.state))
+                if isinstance(x, torch.Tensor) and not state]
+        derived = derive_probes(tuple(self.real[i] for i in user), {}, None)
+        probes = []
+        for probe in derived:
+            args = list(self.real)
+            for i, x in zip(user, probe.args):
+                args[i] = x
+            probe.args = tuple(args)
+            with torch.no_grad():
+                probe.reference = self.call(gm, probe.args, {})
+            probes.append(probe)
+        return probes
+
+
+def _concrete(x: Any) -> Any:
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return type(x.node.hint)(x.node.hint) if x.node.hint is not None else x.node.require_hint()
+    return x
+
+
+def _is_model_state(node: fx.Node, example: Any) -> bool:
+    """True for a parameter or buffer of the model (left as it is in probes)."""
+    if isinstance(example, nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = source.name if source is not None else ""
+    name = name() if callable(name) else name
+    return "_buffers" in name or "_parameters" in name
+
+
+def _graph_name() -> str:
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return f"torch.compile graph {compile_id}" if compile_id is not None else "torch.compile graph"
+
+
+DEFAULT = Backend()
+"""The backend ``backend="fxfuse"`` names (the ``torch_dynamo_backends`` entry point)."""

@@ -1,0 +1,212 @@
+"""torch.compile(model, backend="fxfuse"): fusion in the graphs Dynamo hands over, dynamic shapes, fallback,
+generation with a static cache, training, and composition with Inductor."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+
+import fxfuse
+import fxfuse.dynamo as dynamo
+from fxfuse.errors import strict
+from fxfuse.ir.numerics import compare
+from tests.zoo.models import LAYERS, ZOO
+
+LLAMA = next(m for m in ZOO if m.name == "llama")
+BERT = next(m for m in ZOO if m.name == "bert")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(spec, model, batch, seq, seed=1):
+    inputs = spec.inputs(batch, seq, seed=seed)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        inputs["use_cache"] = False  # compare() reads tensors, not cache objects
+    return inputs
+
+
+def _fused_counts(spec, ops):
+    counts = {"attention": ops.get("attention", 0), "rope": ops.get("rope", 0),
+              "norms": ops.get(spec.norm_op, 0) + ops.get(f"add_{spec.norm_op}", 0),
+              "residual_norms": ops.get(f"add_{spec.norm_op}", 0)}
+    if spec.mlp_op is not None:
+        counts["mlp"] = ops.get(spec.mlp_op, 0)
+    return counts
+
+
+def _expected_counts(spec):
+    counts = {"attention": spec.attention, "rope": spec.rope, "norms": spec.norms,
+              "residual_norms": spec.residual_norms}
+    if spec.mlp_op is not None:
+        counts["mlp"] = LAYERS + spec.extra_mlp_ops
+    return counts
+
+
+@pytest.mark.parametrize("spec", ZOO, ids=[m.name for m in ZOO])
+def test_zoo_fuses_like_optimize_in_one_dynamic_graph(spec):
+    """Every zoo architecture (eager attention, the spelling the rules work hardest on): the counts the zoo
+    holds optimize() to, outputs equal at two shapes, one graph for both (dynamic=True)."""
+    model = spec.build("eager")
+    backend = fxfuse.backend()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for batch, seq in ((2, 8), (3, 11)):
+            inputs = _inputs(spec, model, batch, seq)
+            outcome = compare(model(**inputs), compiled(**inputs))
+            assert outcome.ok, outcome.detail
+    assert len(backend.reports) == 1
+    report = backend.reports[0]
+    assert _fused_counts(spec, report.ops) == _expected_counts(spec)
+    assert report.rejections == [] and report.skipped == []
+    assert "the call's inputs" in report.validated_on and "padded/rescaled" in report.validated_on
+
+
+@pytest.mark.parametrize("spec", [LLAMA, BERT], ids=["llama", "bert"])
+def test_backend_by_name_with_default_dynamism(spec):
+    """backend="fxfuse" (the entry point): a static graph, then one dynamic graph that serves every other length."""
+    model = spec.build("sdpa")
+    compiled = torch.compile(model, backend="fxfuse")
+    first = len(dynamo.DEFAULT.reports)
+    with torch.no_grad():
+        for seq in (8, 11, 5, 14):
+            inputs = _inputs(spec, model, 2, seq)
+            assert compare(model(**inputs), compiled(**inputs)).ok
+    reports = dynamo.DEFAULT.reports[first:]
+    assert len(reports) == 2
+    assert all(_fused_counts(spec, r.ops) == _expected_counts(spec) for r in reports)
+    assert fxfuse.last_report() is reports[-1]
+
+
+def test_a_graph_that_cannot_be_handled_runs_unfused(monkeypatch, caplog):
+    def broken(gm):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(dynamo, "to_aten", broken)
+    model = LLAMA.build("eager")
+    backend = fxfuse.backend()
+    inputs = _inputs(LLAMA, model, 2, 8)
+    with strict(False), torch.no_grad(), caplog.at_level("WARNING", logger="fxfuse"):
+        outcome = compare(model(**inputs), torch.compile(model, backend=backend)(**inputs))
+    assert outcome.ok
+    assert backend.reports[0].ops == {} and backend.graph_modules == [None]
+    assert backend.reports[0].notes == ["ran unfused: RuntimeError: cannot trace this"]
+    assert "runs unfused" in caplog.text
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cannot trace this"), torch.no_grad():  # the suite runs under strict()
+        torch.compile(model, backend=fxfuse.backend())(**inputs)
+
+
+def test_a_pass_that_breaks_numerics_is_rolled_back(monkeypatch):
+    """Validation on the call's real inputs: a wrong rewrite is caught and undone, the rest still fuses."""
+    from fxfuse import passes
+    from fxfuse.passes.manager import PassResult
+
+    def wrong(gm):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.silu.default:
+                node.target = torch.ops.aten.relu.default
+                gm.recompile()
+                return PassResult("wrong", changed=True)
+        return PassResult("wrong")
+
+    monkeypatch.setitem(passes.PASSES, "wrong", wrong)
+    model = LLAMA.build("eager")
+    backend = fxfuse.backend(passes=["wrong", *passes.DEFAULT_PIPELINE])
+    inputs = _inputs(LLAMA, model, 2, 8)
+    with strict(False), torch.no_grad():  # a rolled-back pass is what on_failure="skip" does outside strict()
+        assert compare(model(**inputs), torch.compile(model, backend=backend)(**inputs)).ok
+    report = backend.reports[0]
+    assert report.passes[0].skipped and "changed the model's outputs" in report.passes[0].error
+    assert report.ops["attention"] == LLAMA.attention
+
+
+def test_specialized_floats_are_checked_on_every_call():
+    """dynamic=True lifts eps into an input; the fused graph is used only while it keeps its value."""
+    model = LLAMA.build("eager")
+    backend = fxfuse.backend()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    inputs = _inputs(LLAMA, model, 2, 8)
+    with torch.no_grad():
+        compiled(**inputs)
+        assert any("float input" in note for note in backend.reports[0].notes)
+        model.norm.variance_epsilon = 0.5
+        outcome = compare(model(**inputs), compiled(**inputs))
+    assert outcome.ok, outcome.detail
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="lower must be one of"):
+        fxfuse.backend(lower="tvm")
+    with pytest.raises(ValueError, match="unknown pass"):
+        fxfuse.backend(passes=["fuse-everything"])
+
+
+@pytest.mark.parametrize("name,impl", [("llama", "sdpa"), ("mistral", "eager"), ("qwen2", "sdpa"), ("gpt2", "eager")])
+def test_generate_with_a_static_cache(name, impl):
+    """Greedy tokens equal the uncompiled model's; one prefill and one decode graph, both fully fused, the decode
+    attention reading one query against the cache's grouped K/V heads."""
+    spec = next(m for m in ZOO if m.name == name)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(spec.config(), attn_implementation=impl).eval()
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=8, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        backend = fxfuse.backend()
+        model.forward = torch.compile(model.forward, backend=backend)
+        tokens = model.generate(ids, **settings)
+    assert torch.equal(tokens, expected)
+    assert len(backend.reports) == 2
+    assert all(r.ops["attention"] == spec.attention for r in backend.reports)
+    kv_heads = getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
+    decode = backend.graph_modules[1]
+    for node in decode.graph.find_nodes(op="call_function", target=torch.ops.fxfuse.attention.default):
+        q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+        assert q.shape[2] == 1 and k.shape[1] == kv_heads
+
+
+@pytest.mark.parametrize("lower", ["eager", "inductor"])
+@pytest.mark.parametrize("spec", [LLAMA, BERT], ids=["llama", "bert"])
+def test_training_gradients_equal_eager(spec, lower):
+    """model.train() (BERT's dropout on: the same seed draws the same masks): outputs and every parameter's
+    gradient equal eager's; attention with active dropout stays unfused, the rest fuses."""
+    model = spec.build("eager").train()
+    inputs = spec.inputs(2, 8)
+
+    def run(module):
+        model.zero_grad()
+        torch.manual_seed(0)
+        hidden = module(**inputs).last_hidden_state
+        (hidden ** 2).mean().backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected, expected_grads = run(model)
+    backend = fxfuse.backend(lower=lower)
+    out, grads = run(torch.compile(model, backend=backend))
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    ops = backend.reports[0].ops
+    assert ops.get(f"add_{spec.norm_op}", 0) == spec.residual_norms
+    assert ops.get("attention", 0) == (spec.attention if spec is LLAMA else 0)
+
+
+def test_inductor_compiles_an_optimized_module():
+    """torch.compile(fxfuse.optimize(model)): Inductor takes the fused graph, dialect ops as extern kernels."""
+    model = LLAMA.build("sdpa")
+    optimized = fxfuse.optimize(model, example_kwargs=LLAMA.inputs(2, 8))
+    compiled = torch.compile(optimized)
+    with torch.no_grad():
+        for seq in (8, 11):
+            inputs = LLAMA.inputs(2, seq, seed=2)
+            outcome = compare(model(**inputs, use_cache=False), compiled(**inputs))
+            assert outcome.ok, outcome.detail
