@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import fxfuse  # noqa: E402
-from benchmarks.cpu_latency import minilm  # noqa: E402
+from benchmarks.cpu_latency import llama_100m, llama_100m_config, minilm  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from fxfuse.ir.numerics import compare  # noqa: E402
 
@@ -52,22 +52,10 @@ OUT = ROOT / "benchmarks" / "results" / "compile-cpu.md"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def llama_config() -> transformers.LlamaConfig:
-    """The LLaMA-style decoder of about 100M parameters (``benchmarks/cpu_latency.py``'s)."""
-    return transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-
-
-def llama_encoder() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return transformers.AutoModel.from_config(llama_config(), attn_implementation="sdpa").eval()
-
-
 def llama_lm() -> torch.nn.Module:
+    """The LLaMA-style 100M decoder with its LM head (random weights), for generate()."""
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa").eval()
+    return transformers.AutoModelForCausalLM.from_config(llama_100m_config(), attn_implementation="sdpa").eval()
 
 
 def smollm2() -> torch.nn.Module:
@@ -175,7 +163,7 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "- method: one copy of the model per way, compiled by its first call; then rounds in which every way "
         "runs once, in one process; medians. Compile = first call − a steady call (for `fxfuse.optimize`, "
-        "its own time).",
+        "its own time), with Inductor's on-disk caches off.",
         "",
         "## Prefill latency (no KV cache)",
         "",
@@ -215,8 +203,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # Every way compiles the same forward (one code object): room for all their graphs in Dynamo's cache.
     torch._dynamo.config.recompile_limit = 64
+    # Compile times from scratch: no kernels or graphs reused from earlier runs' on-disk caches.
+    torch._inductor.config.force_disable_caches = True
     prefill_rows = [*prefill("all-MiniLM-L6-v2", lambda: minilm("sdpa"), 4, 128, args.repeats),
-                    *prefill("LLaMA-style 100M", llama_encoder, 1, 512, args.repeats)]
+                    *prefill("LLaMA-style 100M", lambda: llama_100m("sdpa"), 1, 512, args.repeats)]
     decode_rows = [*decode("LLaMA-style 100M", llama_lm, args.prompt, args.new_tokens, args.decode_repeats),
                    *decode("SmolLM2-135M-Instruct", smollm2, args.prompt, args.new_tokens, args.decode_repeats)]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,14 +64,18 @@ def minilm(attn: str) -> torch.nn.Module:
     return transformers.AutoModel.from_pretrained(str(path), attn_implementation=attn).eval()
 
 
-def llama_100m(attn: str) -> torch.nn.Module:
+def llama_100m_config() -> transformers.LlamaConfig:
     """A LLaMA-style decoder of about 100M parameters: 12 layers, hidden 768, 12 query / 4 key-value heads."""
-    config = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
+
+
+def llama_100m(attn: str) -> torch.nn.Module:
+    """The LLaMA-style 100M decoder's base model (no LM head), random weights."""
     torch.manual_seed(0)
-    return transformers.AutoModel.from_config(config, attn_implementation=attn).eval()
+    return transformers.AutoModel.from_config(llama_100m_config(), attn_implementation=attn).eval()
 
 
 def gpt2_124m(attn: str) -> torch.nn.Module:

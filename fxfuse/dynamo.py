@@ -43,6 +43,7 @@ from torch import nn
 from fxfuse.codegen import lower as lower_program
 from fxfuse.codegen import triton_available
 from fxfuse.errors import InputError, is_strict
+from fxfuse.ir.dialect import OPS, REFERENCE
 from fxfuse.ir.inputs import Probe, derive_probes
 from fxfuse.ir.numerics import compare
 from fxfuse.passes import DEFAULT_PIPELINE, PassManager, resolve
@@ -86,7 +87,9 @@ class Backend:
             program, self.graph_modules[slot] = self._compile(gm, example_inputs, report)
             return program
         except Exception as e:
-            if is_strict():
+            from torch._dynamo.exc import RestartAnalysis
+
+            if is_strict() or isinstance(e, RestartAnalysis):  # Dynamo's own signal to trace the frame again
                 raise
             reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             report.notes.append(f"ran unfused: {reason}")
@@ -141,9 +144,7 @@ class Backend:
                report: Report) -> tuple[Callable, str | None]:
         """The lowered program of ``gm`` and, when it differs from the reference on a case, why."""
         if lowering == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            program = compile_fx(gm, example_inputs)
+            program = compile_with_inductor(gm, example_inputs)
         else:
             program = lower_program(gm, lowering)
             report.lowered = program.lowered
@@ -159,6 +160,17 @@ class Backend:
             return self.lower
         on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
         return "triton" if on_cuda and triton_available() else "eager"
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """``gm`` compiled by Inductor, which generates its own fused loops for the norms, the rotary embeddings
+    and the activations (their reference implementations are handed to it as decompositions: as opaque
+    extern calls they ran several ATen kernels each) and calls ``fxfuse.attention`` as an extern kernel."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    inlined = {op: REFERENCE[name] for name, op in OPS.items() if name != "attention"}
+    return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **inlined})
 
 
 def backend(passes: Sequence[str] | None = None, lower: Literal["auto", "eager", "inductor", "triton"] = "auto",
@@ -276,8 +288,11 @@ class Inputs:
 
 
 def _concrete(x: Any) -> Any:
+    """A symbolic number's value in this call (its hint); anything else as it is."""
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return type(x.node.hint)(x.node.hint) if x.node.hint is not None else x.node.require_hint()
+        if x.node.hint is None:
+            raise RuntimeError(f"the symbolic input {x} has no value in this call to validate with")
+        return x.node.hint
     return x
 
 

@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fxfuse
 from fxfuse.codegen import eager
+from fxfuse.codegen.eager import ONEDNN_MIN_ROWS
 from fxfuse.ir.dialect import OPS, REFERENCE
 from fxfuse.passes.manager import NumericsError
 from tests.helpers import count
@@ -51,7 +52,7 @@ def test_every_linear_is_lowered_with_its_epilogue(optimized):
 @needs_onednn
 def test_lowered_program_matches_the_model_at_another_shape(optimized):
     zoo, model, opt = optimized
-    other = zoo.inputs(3, 13, seed=1)
+    other = zoo.inputs(ONEDNN_MIN_ROWS, 13, seed=1)  # every linear (a pooler's too) gets enough rows for oneDNN
     with torch.no_grad():
         expected = model(**other).last_hidden_state
         got = opt(**other).last_hidden_state
@@ -59,6 +60,18 @@ def test_lowered_program_matches_the_model_at_another_shape(optimized):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     gated = sum(n for kind, n in opt.report.lowered.items() if kind.startswith("gated"))
     assert calls == sum(opt.report.lowered.values()) + gated  # a gated MLP is two oneDNN GEMMs
+
+
+@needs_onednn
+def test_a_few_rows_run_f_linear(optimized):
+    """A decode step (one token per sequence) runs F.linear: oneDNN's per-call weight reorder does not pay."""
+    zoo, model, opt = optimized
+    step = zoo.inputs(1, 1, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(**step).last_hidden_state, model(**step).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)
+        assert _onednn_calls(lambda: opt(**step)) == 0
+        assert _onednn_calls(lambda: opt(**zoo.inputs(2, ONEDNN_MIN_ROWS))) > 0
 
 
 @needs_onednn
@@ -87,7 +100,7 @@ def test_autograd_runs_the_aten_path_and_gets_the_same_gradients(optimized):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_matches_aten(act, algorithm, reference, dtype):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 24, generator=g).to(dtype)
+    x = torch.randn(3, 7, 24, generator=g).to(dtype)  # 21 rows: enough for oneDNN
     w, b = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
     with torch.no_grad():
         assert _onednn_calls(lambda: eager.linear(x, w, b, act, algorithm)) == 1
@@ -101,11 +114,11 @@ def test_linear_matches_aten(act, algorithm, reference, dtype):
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() context warns on CPU
 def test_linear_falls_back_for_float16_float64_and_onednn_turned_off():
     for dtype in (torch.float16, torch.float64):
-        x, w = torch.randn(4, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype)
+        x, w = torch.randn(20, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype)
         with torch.no_grad():
             assert _onednn_calls(lambda: eager.linear(x, w, None, "relu")) == 0
             torch.testing.assert_close(eager.linear(x, w, None, "relu"), F.relu(F.linear(x, w)))
-    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    x, w = torch.randn(20, 8), torch.randn(6, 8)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert _onednn_calls(lambda: eager.linear(x, w, None, "relu")) == 0
         torch.testing.assert_close(eager.linear(x, w, None, "relu"), F.relu(F.linear(x, w)))
@@ -113,7 +126,7 @@ def test_linear_falls_back_for_float16_float64_and_onednn_turned_off():
 
 @needs_onednn
 def test_linear_takes_a_transposed_weight_view():
-    x, w_in_out = torch.randn(5, 16), torch.randn(16, 12)  # Conv1D-style (in, out) storage
+    x, w_in_out = torch.randn(20, 16), torch.randn(16, 12)  # Conv1D-style (in, out) storage
     with torch.no_grad():
         assert _onednn_calls(lambda: eager.linear(x, w_in_out.t())) == 1
         torch.testing.assert_close(eager.linear(x, w_in_out.t()), x @ w_in_out, rtol=1e-5, atol=1e-5)
@@ -123,7 +136,7 @@ def test_linear_takes_a_transposed_weight_view():
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 def test_gated_linear_matches_the_dialect_op(activation):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 6, 16, generator=g)
+    x = torch.randn(2, 9, 16, generator=g)
     wg, wu, bu = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g), torch.randn(32, generator=g)
     expected = REFERENCE["gated_mlp_act"](F.linear(x, wg), F.linear(x, wu, bu), activation)
     with torch.no_grad():
