@@ -135,7 +135,9 @@ class Backend:
             report.lowered = {}
             report.notes.append(f"the {lowering} lowering is not used: {failure}")
             program = aten_gm
-            validate_on(program, cases, checked, inputs.call)
+            unproven = validate_on(program, cases, checked, inputs.call)
+            if unproven is not None:  # nothing fused is proven right: run Dynamo's graph as it is
+                raise RuntimeError(f"the fused graph {unproven[1]}")
             report.max_error, report.validated_on = checked.max_error, checked.validated_on
         return (FloatGuard(program, gm.forward, floats, report.model) if floats else program), aten_gm
 
