@@ -21,11 +21,19 @@ the kernel Inductor's CPU back end uses for linear + pointwise fusion) on CPU
 float32/bfloat16 tensors when no gradient is needed, and ``F.linear`` plus
 the activation otherwise (CUDA tensors, autograd, other dtypes, oneDNN
 turned off with ``torch.backends.mkldnn.flags(enabled=False)``), so the
-program computes the same thing everywhere. Why oneDNN: on the CPU this was
-tuned on (AMD EPYC, Zen 4, 2 threads) its fp32 GEMM ran 8-25% faster than the
-MKL sgemm behind ``F.linear`` at transformer shapes, and a fused SwiGLU 17%
-faster than three separate kernels (``benchmarks/results/cpu-latency.md``
-measures the whole models).
+program computes the same thing everywhere. Why oneDNN: on an AMD EPYC (Zen 4,
+2 threads) its fp32 GEMM ran 8-25% faster than the MKL sgemm behind
+``F.linear`` at transformer shapes, and a fused SwiGLU 17% faster than three
+separate kernels (``benchmarks/results/cpu-latency.md`` measures the whole
+models).
+
+A weight that is an ``nn.Parameter`` is handed to oneDNN in its own blocked
+layout (:data:`PACKED`), made on first use, as Inductor's freezing does: on
+an Intel Xeon (AVX-512, 2 threads) oneDNN on the plain (out, in) weight was
+2-8% slower than ``F.linear``, because it reorders the weight on every call,
+and 3-13% faster on the packed one from 4 to 1000 rows. The packed copies
+cost one more copy of the linear weights' memory; ``PACKED.clear()`` frees
+them.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fxfuse.codegen.program import graph_reading_root, module_reading_root
 from fxfuse.ir.dialect import OPS, REFERENCE
@@ -84,12 +93,55 @@ def _onednn_ok(*tensors: Optional[Tensor]) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
 
+class PackedWeights:
+    """oneDNN-packed copies of linear weights, keyed by the parameter they copy.
+
+    A copy is made on the parameter's first use and made again when the
+    parameter changes (an in-place update bumps its version counter; a new
+    ``.data`` moves its storage), so an optimizer step or ``load_state_dict``
+    is never read stale. Entries go away with their parameter.
+    """
+
+    def __init__(self) -> None:
+        self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def get(self, parameter: Tensor, weight: Tensor, rows: int) -> Tensor:
+        """The packed copy of ``weight``, an (out, in) view of ``parameter``, tuned for ``rows`` rows."""
+        stamp = (parameter._version, parameter.data_ptr(), weight.shape, weight.stride(), weight.dtype)
+        entry = self._copies.get(parameter)
+        if entry is None or entry[0] != stamp:
+            entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+            self._copies[parameter] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        """Free every packed copy (they are made again on next use)."""
+        self._copies.clear()
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+
+PACKED = PackedWeights()
+
+
+def _onednn_weight(weight: Tensor, parameter: Tensor, x: Tensor) -> Tensor:
+    """``weight`` as oneDNN should read it: the packed copy when ``parameter`` is a model's parameter."""
+    if isinstance(parameter, nn.Parameter) and not parameter.is_inference():
+        return PACKED.get(parameter, weight, max(1, x.numel() // x.shape[-1]))
+    return weight
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none",
-           algorithm: str = "") -> Tensor:
+           algorithm: str = "", *, parameter: Optional[Tensor] = None) -> Tensor:
     """``act(F.linear(x, weight, bias))``, with ``act`` one of "none", "gelu" (``algorithm`` "none"
-    or "tanh"), "relu", "swish" (SiLU); on oneDNN where :func:`_onednn_ok` allows it."""
+    or "tanh"), "relu", "swish" (SiLU); on oneDNN where :func:`_onednn_ok` allows it.
+
+    ``parameter`` is the tensor ``weight`` is a view of (default: ``weight`` itself); a parameter's
+    packed copy is what oneDNN reads."""
     if _onednn_ok(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], algorithm)
+        packed = _onednn_weight(weight, weight if parameter is None else parameter, x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, act, [], algorithm)
     return _activate(F.linear(x, weight, bias), act, algorithm)
 
 
@@ -99,15 +151,16 @@ def gated_linear(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up:
     act, algorithm = _GATED[activation]
     same_rows = x_gate.shape[:-1] == x_up.shape[:-1] and w_gate.shape[0] == w_up.shape[0]
     if same_rows and _onednn_ok(x_gate, w_gate, b_gate, x_up, w_up, b_up):
-        gate = torch.ops.mkldnn._linear_pointwise(x_gate, w_gate, b_gate, act, [], algorithm)
-        return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, w_up, b_up, "mul")
+        gate = torch.ops.mkldnn._linear_pointwise(x_gate, _onednn_weight(w_gate, w_gate, x_gate), b_gate, act, [],
+                                                  algorithm)
+        return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, _onednn_weight(w_up, w_up, x_up), b_up, "mul")
     return REFERENCE["gated_mlp_act"](F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up), activation)
 
 
 def addmm(bias: Tensor, x: Tensor, weight_in_out: Tensor) -> Tensor:
     """``torch.addmm(bias, x, weight_in_out)`` with a 1-D bias: a linear whose weight is stored (in, out),
     as GPT-2's ``Conv1D`` keeps it; oneDNN reads the transposed view without a copy."""
-    return linear(x, weight_in_out.t(), bias)
+    return linear(x, weight_in_out.t(), bias, parameter=weight_in_out)
 
 
 def _is_plain_addmm(node: fx.Node) -> bool:

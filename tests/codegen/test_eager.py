@@ -200,3 +200,51 @@ def test_optimized_module_runs_under_inference_mode(optimized):
         expected = model(**other).last_hidden_state
         got = opt(**other).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_parameters_are_packed_once_and_repacked_when_they_change():
+    eager.PACKED.clear()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 16, generator=g)
+    w = torch.nn.Parameter(torch.randn(12, 16, generator=g))
+    w_in_out = torch.nn.Parameter(torch.randn(16, 12, generator=g))  # Conv1D-style (in, out)
+    bias = torch.randn(12, generator=g)
+    with torch.no_grad():
+        first = eager.linear(x, w, bias, "relu")
+        assert len(eager.PACKED) == 1
+        eager.linear(x, w, bias, "relu")
+        assert len(eager.PACKED) == 1  # the same copy, not a new one per call
+        torch.testing.assert_close(first, F.relu(F.linear(x, w, bias)), rtol=1e-5, atol=1e-5)
+        w.mul_(-2.0)  # an optimizer step or load_state_dict writes in place
+        torch.testing.assert_close(eager.linear(x, w, bias, "relu"), F.relu(F.linear(x, w, bias)),
+                                   rtol=1e-5, atol=1e-5)
+        w.data = torch.randn(12, 16, generator=g)  # new storage, same version counter
+        torch.testing.assert_close(eager.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eager.addmm(bias, x, w_in_out), torch.addmm(bias, x, w_in_out),
+                                   rtol=1e-5, atol=1e-5)
+        assert len(eager.PACKED) == 2  # keyed by the stored (in, out) parameter, not its fresh .t() view
+        plain = torch.randn(12, 16, generator=g)  # not a parameter: computed weights are never cached
+        torch.testing.assert_close(eager.linear(x, plain), F.linear(x, plain), rtol=1e-5, atol=1e-5)
+        assert len(eager.PACKED) == 2
+    del w, w_in_out
+    assert len(eager.PACKED) == 0  # copies go with their parameters
+
+
+@needs_onednn
+def test_optimized_model_follows_its_weights_after_an_update(optimized):
+    zoo, model, opt = optimized
+    inputs = zoo.inputs(2, ONEDNN_MIN_ROWS)
+    with torch.no_grad():
+        opt(**inputs)
+        for p in opt.parameters():
+            if p.dim() == 2:
+                p.mul_(0.5)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(0.5)
+        got = opt(**inputs)
+        expected = model(**inputs)
+    torch.testing.assert_close(got.last_hidden_state if hasattr(got, "last_hidden_state") else got[0],
+                               expected.last_hidden_state if hasattr(expected, "last_hidden_state") else expected[0],
+                               rtol=1e-4, atol=1e-4)
