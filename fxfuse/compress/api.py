@@ -1,0 +1,228 @@
+"""``fxfuse.compress``: remove layers or sublayers greedily, repair in closed form, hold a quality budget."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxfuse.api import OptimizedModule, optimize
+from fxfuse.codegen import lower
+from fxfuse.compress.calibrate import Batch, batches, stream_statistics
+from fxfuse.compress.drop import drop_branches
+from fxfuse.compress.quality import Judge, Quality
+from fxfuse.compress.repair import repair_gap
+from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
+from fxfuse.errors import InputError
+from fxfuse.report import count_dialect_ops
+
+Scorer = Literal["loss", "similarity"]
+
+
+@dataclass
+class Step:
+    """One greedy removal: what, its score, held-out quality after it, size after it, repair notes."""
+
+    removed: tuple[str, ...]
+    score: float
+    quality: Quality
+    quality_loss: float
+    parameters: int
+    kv_bytes_per_token: int
+    repairs: list[str] = field(default_factory=list)
+    accepted: bool = True
+    seconds: float = 0.0
+
+
+@dataclass
+class CompressReport:
+    """What ``compress()`` removed, step by step, and what the budget allowed."""
+
+    unit: str
+    scorer: str
+    repair: bool
+    original: Quality
+    original_parameters: int
+    original_kv_bytes_per_token: int
+    budget: Optional[float]
+    steps: list[Step] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> list[Step]:
+        return [s for s in self.steps if s.accepted]
+
+    def __str__(self) -> str:
+        rows = [("step", "removed", "score", "held-out", "loss", "params", "KV B/token", "repair", "")]
+        rows.append(("0", "-", "-", f"{self.original.value:.4g}", "-", f"{self.original_parameters:,}",
+                     f"{self.original_kv_bytes_per_token:,}", "-", ""))
+        for i, s in enumerate(self.steps, 1):
+            rows.append((str(i), "+".join(s.removed), f"{s.score:.4g}", f"{s.quality.value:.4g}",
+                         f"{s.quality_loss:+.2%}" if self.original.metric == "perplexity" else f"{s.quality_loss:.4f}",
+                         f"{s.parameters:,}", f"{s.kv_bytes_per_token:,}", "; ".join(s.repairs) or "-",
+                         "" if s.accepted else "REFUSED: over budget"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        budget = "none" if self.budget is None else f"{self.budget:g}"
+        lines = [f"fxfuse compress: {self.unit} by {self.scorer} scores, repair {'on' if self.repair else 'off'}, "
+                 f"quality = held-out {self.original.metric}, budget (max quality loss) {budget}"]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class CompressedModule(OptimizedModule):
+    """A compressed, fused model: called like the original; ``compress_report`` says what was removed."""
+
+    def __init__(self, optimized: OptimizedModule, compress_report: CompressReport) -> None:
+        super().__init__(optimized.graph_module, optimized.report, optimized.fixed_kwargs, optimized.program,
+                         optimized.static_dims)
+        self.compress_report = compress_report
+
+
+def compress(
+    model: nn.Module,
+    calibration: Any,
+    *,
+    layers: int = 0,
+    attention_sublayers: int = 0,
+    mlp_sublayers: int = 0,
+    scorer: Scorer = "loss",
+    repair: bool = True,
+    max_quality_loss: Optional[float] = None,
+    held_out: Any = None,
+    score_batches: int = 2,
+    cache_dir: Optional[str] = None,
+) -> CompressedModule:
+    """Remove ``layers`` whole layers, or ``attention_sublayers`` / ``mlp_sublayers`` sublayers, one at a time.
+
+    ``calibration`` (input dicts, ``(tokenizer, texts)`` or a loader of dicts,
+    see :func:`fxfuse.compress.calibrate.batches`) drives the scores and the
+    repair; ``held_out`` (same forms, disjoint from it) measures quality after
+    each step. Each step removes the candidate with the lowest score:
+    ``scorer="loss"`` measures the quality loss of each candidate removal on
+    the first ``score_batches`` calibration batches (SLEB-style, slower);
+    ``"similarity"`` takes 1 - cos(stream in, stream out) over the candidate
+    (ShortGPT's block influence for layers, LLM-Drop's for sublayers),
+    recomputed on the current model each step. With ``repair``, the projection
+    before each gap is refitted in closed form (:mod:`fxfuse.compress.repair`).
+    Quality is perplexity for a language model (loss = relative rise) or the
+    cosine of pooled outputs to the original's (loss = 1 - cosine). With
+    ``max_quality_loss``, a step whose held-out loss would exceed it is refused
+    and removal stops there; the report says so. ``model`` may be an
+    ``OptimizedModule`` already (its fused graph is reused, not changed).
+    """
+    counts = {"layers": layers, "attention_sublayers": attention_sublayers, "mlp_sublayers": mlp_sublayers}
+    asked = {k: v for k, v in counts.items() if v}
+    if len(asked) != 1 or any(not isinstance(v, int) or v < 0 for v in counts.values()):
+        raise InputError(f"ask for one kind of removal with a positive count (layers=, attention_sublayers= or "
+                         f"mlp_sublayers=); got {counts}")
+    if scorer not in ("loss", "similarity"):
+        raise InputError(f"scorer must be 'loss' or 'similarity', not {scorer!r}")
+    unit, count = next(iter(asked.items()))
+    cal = batches(calibration)
+    held = batches(held_out) if held_out is not None else None
+    if held is None:
+        if len(cal) < 2:
+            raise InputError("give held_out= data, or at least 2 calibration batches (the last quarter is held out)")
+        split = max(1, len(cal) // 4)
+        cal, held = cal[:-split], cal[-split:]
+
+    optimized = model if isinstance(model, OptimizedModule) else optimize(model, example_kwargs=cal[0], backend="eager")
+    fixed = optimized.fixed_kwargs
+    cal = [{**b, **fixed} for b in cal]
+    held = [{**b, **fixed} for b in held]
+    original = optimized.graph_module
+    branches = find_branches(original.graph)
+    tag_branches(branches)
+    candidates = _candidates(unit, branches)
+    if count > len(candidates):
+        raise InputError(f"asked to remove {count} {unit}, but the graph has {len(candidates)}")
+
+    judge = Judge(original, held)
+    scoring = Judge(original, cal[:score_batches]) if scorer == "loss" else None
+    report = CompressReport(unit=unit, scorer=scorer, repair=repair, original=judge.original,
+                            original_parameters=parameter_count(original),
+                            original_kv_bytes_per_token=kv_bytes_per_token(original), budget=max_quality_loss)
+    order = [b.name for b in branches]
+    current, removed = original, set()
+    for _ in range(count):
+        start = time.perf_counter()
+        remaining = [c for c in candidates if not set(c) & removed]
+        scores = _score(scorer, current, remaining, scoring, cal, cache_dir)
+        best = min(remaining, key=lambda c: scores[c])
+        trial = drop_branches(current, set(best))
+        notes: list[str] = []
+        if repair:
+            trial, notes = _repair(original, trial, order, removed | set(best), set(best), cal)
+        quality = judge.measure(trial)
+        step = Step(removed=best, score=scores[best], quality=quality, quality_loss=quality.loss_against(judge.original),
+                    parameters=parameter_count(trial), kv_bytes_per_token=kv_bytes_per_token(trial), repairs=notes,
+                    seconds=time.perf_counter() - start)
+        report.steps.append(step)
+        if max_quality_loss is not None and step.quality_loss > max_quality_loss:
+            step.accepted = False
+            report.notes.append(f"the budget ({max_quality_loss:g}) allowed {len(report.accepted)} of the {count} "
+                                f"{unit} asked for: removing {'+'.join(best)} would lose {step.quality_loss:.4g}")
+            break
+        current, removed = trial, removed | set(best)
+    return CompressedModule(_finish(current, optimized), report)
+
+
+def _candidates(unit: str, branches: list[Branch]) -> list[tuple[str, ...]]:
+    if unit == "layers":
+        return [tuple(b.name for b in layer.branches) for layer in find_layers(branches)]
+    kind = "attention" if unit == "attention_sublayers" else "mlp"
+    return [(b.name,) for b in branches if b.kind == kind]
+
+
+def _score(scorer: str, current: fx.GraphModule, candidates: list[tuple[str, ...]], scoring: Optional[Judge],
+           cal: list[Batch], cache_dir: Optional[str]) -> dict[tuple[str, ...], float]:
+    if scorer == "loss":
+        return {c: scoring.measure(drop_branches(current, set(c))).loss_against(scoring.original) for c in candidates}
+    branches = find_branches(current.graph)
+    stats = stream_statistics(current, branches, find_layers(branches), cal, cache_dir)
+    return {c: stats["+".join(c)] for c in candidates}
+
+
+def _repair(original: fx.GraphModule, trial: fx.GraphModule, order: list[str], removed: set[str], new: set[str],
+            cal: list[Batch]) -> tuple[fx.GraphModule, list[str]]:
+    """Repair the gap (run of removed branches, in graph order) that holds the newly removed ones."""
+    notes = []
+    positions = sorted(order.index(n) for n in new)
+    start = positions[0]
+    while start > 0 and order[start - 1] in removed:
+        start -= 1
+    end = positions[-1]
+    while end + 1 < len(order) and order[end + 1] in removed:
+        end += 1
+    if start == 0:
+        return trial, [f"no repair of {order[0]}…: no branch before it"]
+    repaired, note = repair_gap(original, trial, order[start - 1], order[end], cal)
+    notes.append(note)
+    return (repaired if repaired is not None else trial), notes
+
+
+def _finish(gm: fx.GraphModule, optimized: OptimizedModule) -> OptimizedModule:
+    report = optimized.report
+    report.ops = count_dialect_ops(gm)
+    program = lower(gm, report.backend)
+    return OptimizedModule(gm, report, optimized.fixed_kwargs, program, optimized.static_dims)
+
+
+def parameter_count(gm: nn.Module) -> int:
+    """Number of weights the module holds (each tensor once)."""
+    return sum(p.numel() for p in {id(p): p for p in gm.parameters()}.values())
+
+
+def kv_bytes_per_token(gm: fx.GraphModule) -> int:
+    """Bytes of K and V one token adds to a KV cache: over the graph's attention ops, Hkv·(Dk + Dv)·itemsize."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.fxfuse.attention.default:
+            k, v = node.args[1].meta["val"], node.args[2].meta["val"]
+            total += k.shape[1] * (k.shape[-1] + v.shape[-1]) * k.element_size()
+    return total
