@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def main() -> None:
     fixed = optimized.fixed_kwargs
     judge = Judge(optimized.graph_module, [{**b, **fixed} for b in held])
     cal_fixed = [{**b, **fixed} for b in cal]
-    sections = []
+    sections, speed_lines, checkpoint_line = [], [], "not taken"
     for unit, k, peer in (("layers", args.layers, "ShortGPT"), ("attention_sublayers", args.attention, "LLM-Drop")):
         table: dict[str, list[float]] = {}
         t = time.perf_counter()
@@ -105,11 +106,18 @@ def main() -> None:
         for scorer in ("similarity", "loss"):
             for repair in (False, True):
                 t = time.perf_counter()
-                compressed = fxfuse.compress(optimized, cal, held_out=held, scorer=scorer, repair=repair,
+                # The transformers model itself where the result is saved as a checkpoint (save_pretrained
+                # needs the source modules); elsewhere the fused graph is reused, not captured again.
+                source = model if (unit, scorer, repair) == ("layers", "loss", True) else optimized
+                compressed = fxfuse.compress(source, cal, held_out=held, scorer=scorer, repair=repair,
                                              score_batches=1, cache_dir="", **{unit: k})
                 steps = compressed.compress_report.steps
                 table[f"fxfuse {scorer} scorer, {'with' if repair else 'no'} repair"] = [s.quality.value for s in steps]
                 details.append(str(compressed.compress_report))
+                if scorer == "loss" and repair:
+                    speed_lines.append(prefill_speed(optimized, compressed, tokenizer, held_texts, unit))
+                    if unit == "layers":
+                        checkpoint_line = reload_check(compressed, held[0])
                 print(f"{unit}: {scorer} repair={repair} in {time.perf_counter() - t:.0f} s", flush=True)
         sections.append(render(unit, k, judge.original.value, table, details))
     header = [
@@ -123,15 +131,51 @@ def main() -> None:
         f"{tuple(cal[0]['input_ids'].shape)} tokens (the loss scorer reads the first; the repair all of them); "
         f"held-out = the last 60 articles, {len(held)} batches of {tuple(held[0]['input_ids'].shape)} tokens",
         "- quality: held-out perplexity (next token, fp32); every row measured in this one run",
+        f"- checkpoint: {checkpoint_line}",
+        *[f"- speed: {line}" for line in speed_lines],
         "",
     ]
     Path(args.out).write_text("\n".join(header + sections) + "\n")
     print(Path(args.out).read_text())
 
 
+def prefill_speed(optimized: Any, compressed: Any, tokenizer: Any, texts: list[str], unit: str,
+                  rounds: int = 10) -> str:
+    """Prefill latency at 1 × 512 of the fused original and the fused compressed model, interleaved rounds."""
+    batch = {**batches((tokenizer, texts), seq_len=512, batch_size=1, max_batches=1)[0]}
+    times: dict[str, list[float]] = {"original": [], "compressed": []}
+    with torch.no_grad():
+        for module in (optimized, compressed):
+            module(**batch)
+        for _ in range(rounds):
+            for name, module in (("original", optimized), ("compressed", compressed)):
+                start = time.perf_counter()
+                module(**batch)
+                times[name].append(time.perf_counter() - start)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    removed = len(compressed.compress_report.accepted)
+    return (f"{unit}, {removed} removed (fxfuse loss + repair), fused, prefill 1×512: {ms['compressed']:.0f} ms vs "
+            f"{ms['original']:.0f} ms unpruned fused ({ms['compressed'] / ms['original']:.2f}×; medians of {rounds} "
+            f"interleaved rounds)")
+
+
+def reload_check(compressed: Any, batch: dict) -> str:
+    """Save the compressed model, reload it with transformers, and compare their logits on ``batch``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        compressed.save_pretrained(directory)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+        with torch.no_grad():
+            ours, theirs = compressed(**batch).logits, reloaded(**batch).logits
+    error = float((ours - theirs).abs().max() / ours.abs().max())
+    return (f"`save_pretrained` of the fxfuse loss + repair result ({reloaded.config.num_hidden_layers} layers) "
+            f"reloads with `AutoModelForCausalLM.from_pretrained`; max relative logit difference {error:.1e}")
+
+
 def render(unit: str, k: int, base: float, table: dict[str, list[float]], details: list[str]) -> str:
     label = "whole layers" if unit == "layers" else "attention sublayers"
-    head = f"| way | " + " | ".join(f"{n} removed" for n in range(1, k + 1)) + " |"
+    head = "| way | " + " | ".join(f"{n} removed" for n in range(1, k + 1)) + " |"
     lines = [f"## {label}", "", f"Original held-out perplexity: **{base:.2f}**. Cells: perplexity (rise).", "", head,
              "|---" * (k + 1) + "|"]
     for way, ppls in table.items():

@@ -1,6 +1,7 @@
 """The ``fxfuse`` command line.
 
     fxfuse export-onnx MODEL -o model.onnx [--target ort|onnx] [--batch 2 --seq 16] [--input NAME=SHAPE[:DTYPE]]…
+    fxfuse compress MODEL_DIR --layers 3 --calibration texts.txt [--held-out other.txt] -o OUT_DIR
 
 MODEL is a ``transformers`` model directory (loaded with ``AutoModel``) or a
 Python ``module:callable`` that returns an ``nn.Module`` (or a pair of the
@@ -99,6 +100,36 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    import transformers
+
+    from fxfuse import FxfuseError, compress
+
+    if not Path(args.model).is_dir():
+        raise SystemExit(f"fxfuse compress: {args.model!r} is not a transformers model directory")
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, **gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **gguf).eval()
+
+    def texts(path: str) -> tuple[Any, list[str]]:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return tokenizer, lines
+
+    units = {"layers": args.layers, "attention_sublayers": args.attention_sublayers}
+    try:
+        compressed = compress(model, texts(args.calibration), held_out=texts(args.held_out) if args.held_out else None,
+                              scorer=args.scorer, repair=not args.no_repair, max_quality_loss=args.max_quality_loss,
+                              **{k: v for k, v in units.items() if v})
+        print(compressed.compress_report)
+        compressed.save_pretrained(args.output)
+    except FxfuseError as e:
+        print(f"fxfuse compress: {e}", file=sys.stderr)
+        return 1
+    tokenizer.save_pretrained(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxfuse", description="fxfuse: fuse and export PyTorch transformer models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-validate", action="store_true", help="skip onnx.checker and the ONNX Runtime check")
     export.add_argument("--report", action="store_true", help="also print the optimize() report")
     export.set_defaults(run=_export_onnx)
+
+    comp = commands.add_parser(
+        "compress", help="remove layers of a causal LM on calibration text and write a transformers checkpoint",
+        description="Remove whole layers (or attention sublayers) of the causal LM in MODEL_DIR, scored and "
+                    "repaired on calibration text, and write the result as a transformers checkpoint.")
+    comp.add_argument("model", help="a transformers causal-LM directory")
+    comp.add_argument("-o", "--output", required=True, help="the checkpoint directory to write")
+    comp.add_argument("--calibration", required=True, help="a UTF-8 text file, one document per line")
+    comp.add_argument("--held-out", help="another text file for held-out perplexity (default: part of --calibration)")
+    comp.add_argument("--layers", type=int, default=0, help="whole layers to remove")
+    comp.add_argument("--attention-sublayers", type=int, default=0,
+                      help="attention sublayers to remove (not expressible in a transformers config: reported only)")
+    comp.add_argument("--scorer", choices=["loss", "similarity"], default="loss")
+    comp.add_argument("--no-repair", action="store_true", help="skip the closed-form repair")
+    comp.add_argument("--max-quality-loss", type=float, help="stop before perplexity rises by more (0.1 = +10%%)")
+    comp.add_argument("--gguf-file", help="the GGUF file in MODEL_DIR to load (de-quantized to float32)")
+    comp.set_defaults(run=_compress)
     return parser
 
 

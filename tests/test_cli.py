@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fxfuse.cli import main
 
@@ -83,3 +84,49 @@ def test_bad_input_spec_is_explained(builders):
 def test_the_module_entry_point_prints_help():
     done = subprocess.run([sys.executable, "-m", "fxfuse.cli", "export-onnx", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "module:callable" in done.stdout and "--target" in done.stdout
+
+
+def _tiny_causal_lm_dir(path):
+    """A 4-layer LLaMA-style causal LM with a word-level tokenizer of 128 words, saved as a transformers dir."""
+    import tokenizers
+    import transformers
+
+    words = [f"w{i}" for i in range(127)]
+    vocab = {"[UNK]": 127, **{w: i for i, w in enumerate(words)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(path)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[j] for j in torch.randint(0, 127, (300,), generator=g).tolist()) for _ in range(12)]
+    return words, lines
+
+
+def test_compress_writes_a_checkpoint_that_transformers_loads(tmp_path, capsys):
+    import transformers
+
+    _, lines = _tiny_causal_lm_dir(tmp_path / "model")
+    (tmp_path / "cal.txt").write_text("\n".join(lines[:8]))
+    (tmp_path / "held.txt").write_text("\n".join(lines[8:]))
+    code = main(["compress", str(tmp_path / "model"), "--layers", "1", "--scorer", "similarity",
+                 "--calibration", str(tmp_path / "cal.txt"), "--held-out", str(tmp_path / "held.txt"),
+                 "-o", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fxfuse compress: layers" in printed and "wrote" in printed
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.num_hidden_layers == 3
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("w3 w5")["input_ids"] == [3, 5]
+
+
+def test_compress_of_sublayers_explains_why_there_is_no_checkpoint(tmp_path, capsys):
+    _, lines = _tiny_causal_lm_dir(tmp_path / "model")
+    (tmp_path / "cal.txt").write_text("\n".join(lines))
+    code = main(["compress", str(tmp_path / "model"), "--attention-sublayers", "1", "--scorer", "similarity",
+                 "--calibration", str(tmp_path / "cal.txt"), "-o", str(tmp_path / "out")])
+    assert code == 1
+    assert "Compress with layers=" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

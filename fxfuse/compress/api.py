@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import torch
 import torch.fx as fx
@@ -13,6 +15,7 @@ from torch import nn
 from fxfuse.api import OptimizedModule, optimize
 from fxfuse.codegen import lower
 from fxfuse.compress.calibrate import Batch, batches, stream_statistics
+from fxfuse.compress.checkpoint import save_pretrained
 from fxfuse.compress.drop import drop_branches
 from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
@@ -77,10 +80,25 @@ class CompressReport:
 class CompressedModule(OptimizedModule):
     """A compressed, fused model: called like the original; ``compress_report`` says what was removed."""
 
-    def __init__(self, optimized: OptimizedModule, compress_report: CompressReport) -> None:
+    def __init__(self, optimized: OptimizedModule, compress_report: CompressReport,
+                 source: Optional[nn.Module] = None) -> None:
         super().__init__(optimized.graph_module, optimized.report, optimized.fixed_kwargs, optimized.program,
                          optimized.static_dims)
         self.compress_report = compress_report
+        self._source = (source,)  # a tuple: the source model is not a submodule of this one
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a Hugging Face checkpoint that ``from_pretrained`` loads as the compressed model.
+
+        Only whole-layer removals can be written (the config has one layer
+        count); removed sublayers raise ``InputError`` saying so.
+        """
+        source = self._source[0]
+        if source is None:
+            raise InputError("this model was compressed from an OptimizedModule; compress the transformers model "
+                             "itself to save a checkpoint")
+        report = self.compress_report
+        save_pretrained(source, self.graph_module, report.unit, len(report.accepted), directory)
 
 
 def compress(
@@ -92,6 +110,7 @@ def compress(
     mlp_sublayers: int = 0,
     scorer: Scorer = "loss",
     repair: bool = True,
+    ridge: Optional[float] = None,
     max_quality_loss: Optional[float] = None,
     held_out: Any = None,
     score_batches: int = 2,
@@ -108,7 +127,9 @@ def compress(
     ``"similarity"`` takes 1 - cos(stream in, stream out) over the candidate
     (ShortGPT's block influence for layers, LLM-Drop's for sublayers),
     recomputed on the current model each step. With ``repair``, the projection
-    before each gap is refitted in closed form (:mod:`fxfuse.compress.repair`).
+    before each gap is refitted in closed form (:mod:`fxfuse.compress.repair`;
+    ``ridge``: its relative λ, by default chosen on left-out calibration batches,
+    with no refit where none pays).
     Quality is perplexity for a language model (loss = relative rise) or the
     cosine of pooled outputs to the original's (loss = 1 - cosine). With
     ``max_quality_loss``, a step whose held-out loss would exceed it is refused
@@ -157,7 +178,7 @@ def compress(
         trial = drop_branches(current, set(best))
         notes: list[str] = []
         if repair:
-            trial, notes = _repair(original, trial, order, removed | set(best), set(best), cal)
+            trial, notes = _repair(original, trial, order, removed | set(best), set(best), cal, ridge)
         quality = judge.measure(trial)
         step = Step(removed=best, score=scores[best], quality=quality, quality_loss=quality.loss_against(judge.original),
                     parameters=parameter_count(trial), kv_bytes_per_token=kv_bytes_per_token(trial), repairs=notes,
@@ -169,7 +190,7 @@ def compress(
                                 f"{unit} asked for: removing {'+'.join(best)} would lose {step.quality_loss:.4g}")
             break
         current, removed = trial, removed | set(best)
-    return CompressedModule(_finish(current, optimized), report)
+    return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
 
 
 def _candidates(unit: str, branches: list[Branch]) -> list[tuple[str, ...]]:
@@ -189,7 +210,7 @@ def _score(scorer: str, current: fx.GraphModule, candidates: list[tuple[str, ...
 
 
 def _repair(original: fx.GraphModule, trial: fx.GraphModule, order: list[str], removed: set[str], new: set[str],
-            cal: list[Batch]) -> tuple[fx.GraphModule, list[str]]:
+            cal: list[Batch], ridge: Optional[float]) -> tuple[fx.GraphModule, list[str]]:
     """Repair the gap (run of removed branches, in graph order) that holds the newly removed ones."""
     notes = []
     positions = sorted(order.index(n) for n in new)
@@ -201,14 +222,13 @@ def _repair(original: fx.GraphModule, trial: fx.GraphModule, order: list[str], r
         end += 1
     if start == 0:
         return trial, [f"no repair of {order[0]}…: no branch before it"]
-    repaired, note = repair_gap(original, trial, order[start - 1], order[end], cal)
+    repaired, note = repair_gap(original, trial, order[start - 1], order[end], cal, ridge)
     notes.append(note)
     return (repaired if repaired is not None else trial), notes
 
 
 def _finish(gm: fx.GraphModule, optimized: OptimizedModule) -> OptimizedModule:
-    report = optimized.report
-    report.ops = count_dialect_ops(gm)
+    report = dataclasses.replace(optimized.report, ops=count_dialect_ops(gm))  # the source's report is left as it is
     program = lower(gm, report.backend)
     return OptimizedModule(gm, report, optimized.fixed_kwargs, program, optimized.static_dims)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -260,3 +258,26 @@ def test_the_ridge_is_chosen_on_left_out_batches_and_no_repair_wins_over_noise()
     ridge, gain = _cross_validated_ridge(_folds(signal=0.0, tokens=10))  # noise, few tokens per weight
     assert ridge is None and gain == 1.0
     assert _cross_validated_ridge(_folds(signal=3.0)[:1]) == (None, 1.0)  # one batch: nothing to check on
+
+
+def test_a_compressed_checkpoint_reloads_with_transformers(tmp_path):
+    model = _deep_llama()
+    with torch.no_grad():  # layer 0 matters most, so a later one goes and the layer before it is refitted
+        model.model.layers[0].mlp.down_proj.weight.mul_(30.0)
+    cal, held = _token_data(4), _token_data(2, seed=1)
+    compressed = fxfuse.compress(model, cal, held_out=held, layers=2, scorer="similarity", ridge=1e-2, cache_dir="")
+    assert any("refit" in note for s in compressed.compress_report.steps for note in s.repairs)  # weights changed
+    compressed.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 2
+    for batch in (held[0], _token_data(1, batch=1, seq=11, seed=5)[0]):
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**batch).logits, compressed(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_removed_sublayers_cannot_be_saved_and_the_error_says_what_can():
+    model = _deep_llama(layers=2)
+    compressed = fxfuse.compress(model, _token_data(2), held_out=_token_data(1, seed=1), attention_sublayers=1,
+                                 scorer="similarity", cache_dir="")
+    with pytest.raises(InputError, match="Compress with layers="):
+        compressed.save_pretrained("/tmp/never-written")

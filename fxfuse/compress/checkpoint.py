@@ -1,0 +1,85 @@
+"""A compressed model as a standard Hugging Face checkpoint: fewer layers in the config, layers renumbered.
+
+The fused graph reads its weights under the original module paths
+(``model.layers.7.mlp.down_proj.weight``), repaired weights included. The
+layer stack is the ``nn.ModuleList`` of the source model with one entry per
+``config.num_hidden_layers`` whose weights the graph reads; a layer none of
+whose weights the graph reads any more was removed. The checkpoint is the
+source model's state dict without the removed layers, the later ones
+renumbered, every weight the graph holds taken from the graph, and a config
+with ``num_hidden_layers`` (and per-layer lists such as ``layer_types``)
+cut to match. A model loaded from a GGUF file is de-quantized on load, so
+the checkpoint is a plain floating-point one.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxfuse.errors import InputError
+
+
+def save_pretrained(source: nn.Module, graph_module: nn.Module, unit: str, removed: int, directory: str | Path) -> None:
+    """Write the checkpoint of ``graph_module`` (``source`` compressed, ``removed`` ``unit`` taken out)."""
+    config = getattr(source, "config", None)
+    if config is None or not hasattr(source, "save_pretrained"):
+        raise InputError(f"save_pretrained needs a Hugging Face transformers model; the compressed model came "
+                         f"from a {type(source).__name__}")
+    if unit != "layers" and removed:
+        raise InputError(
+            f"{removed} {unit.replace('_', ' ')} were removed, which {type(config).__name__} cannot express (every "
+            f"layer has both sublayers). Compress with layers= for a checkpoint transformers can load, or keep "
+            f"the compressed module in this process")
+    held = {**dict(graph_module.named_parameters()), **dict(graph_module.named_buffers())}
+    prefix, count = _layer_stack(source, config, held)
+    kept = [i for i in range(count) if any(name.startswith(f"{prefix}.{i}.") for name in held)]
+    if count - len(kept) != removed:
+        raise InputError(f"the graph reads the weights of {len(kept)} of the {count} layers under {prefix!r}, but "
+                         f"{removed} layers were removed; cannot map the compressed model back onto its modules")
+    renumber = {old: new for new, old in enumerate(kept)}
+    state: dict[str, torch.Tensor] = {}
+    for name, value in source.state_dict().items():
+        target = name
+        if name.startswith(prefix + "."):
+            index, rest = name[len(prefix) + 1:].split(".", 1)
+            if int(index) not in renumber:
+                continue
+            target = f"{prefix}.{renumber[int(index)]}.{rest}"
+        state[target] = held.get(name, value).detach().clone()
+    new_config = _cut_config(config, kept, count)
+    with torch.device("meta"):
+        model = type(source)(new_config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise InputError(f"the compressed checkpoint would lack {missing[:5]}; cannot save it")
+    model.save_pretrained(str(directory))
+
+
+def _layer_stack(source: nn.Module, config: Any, held: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(path, length) of the ModuleList of ``num_hidden_layers`` entries whose weights the graph reads."""
+    layers = getattr(config, "num_hidden_layers", None)
+    for path, module in source.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layers and \
+                any(name.startswith(path + ".") for name in held):
+            return path, layers
+    raise InputError(f"found no list of {layers} layers (config.num_hidden_layers) in {type(source).__name__} "
+                     f"whose weights the compressed graph reads")
+
+
+def _cut_config(config: Any, kept: list[int], count: int) -> Any:
+    new = copy.deepcopy(config)
+    new.num_hidden_layers = len(kept)
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == count and key != "architectures":
+            setattr(new, key, [value[i] for i in kept])
+    for key in ("quantization_config", "gguf_file"):  # de-quantized on load: the checkpoint is floating point
+        if hasattr(new, key):
+            delattr(new, key)
+    return new
