@@ -230,6 +230,7 @@ def _repair(original: fx.GraphModule, trial: fx.GraphModule, order: list[str], r
 def _finish(gm: fx.GraphModule, optimized: OptimizedModule) -> OptimizedModule:
     report = dataclasses.replace(optimized.report, ops=count_dialect_ops(gm))  # the source's report is left as it is
     program = lower(gm, report.backend)
+    report.lowered = dict(getattr(program, "lowered", {}))
     return OptimizedModule(gm, report, optimized.fixed_kwargs, program, optimized.static_dims)
 
 

@@ -182,6 +182,8 @@ def test_compress_removes_layers_and_keeps_the_model_interface():
     report = compressed.compress_report
     assert len(report.steps) == 2 and all(s.accepted for s in report.steps)
     assert count(compressed.graph_module, ATTENTION) == 2
+    if compressed.report.lowered:  # oneDNN builds: the lowering counts are the compressed program's
+        assert compressed.report.lowered["gated_linear(silu)"] == 2
     assert report.steps[-1].parameters < report.original_parameters
     assert report.steps[-1].kv_bytes_per_token == report.original_kv_bytes_per_token // 2
     out = compressed(**held[0])
