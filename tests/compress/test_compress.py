@@ -283,3 +283,21 @@ def test_removed_sublayers_cannot_be_saved_and_the_error_says_what_can():
                                  scorer="similarity", cache_dir="")
     with pytest.raises(InputError, match="Compress with layers="):
         compressed.save_pretrained("/tmp/never-written")
+
+
+def test_an_encoder_is_judged_by_embedding_cosine_and_its_post_norm_gap_is_not_refitted():
+    zoo = _zoo("bert")
+    model = zoo.build("sdpa")
+    cal = [zoo.inputs(2, 9, seed=s) for s in range(3)]
+    compressed = fxfuse.compress(model, cal, held_out=[zoo.inputs(2, 9, seed=9)], mlp_sublayers=1,
+                                 scorer="similarity", cache_dir="")
+    report = compressed.compress_report
+    assert report.original.metric == "cosine" and abs(report.original.value - 1) < 1e-6
+    step = report.steps[0]
+    assert 0 < step.quality_loss < 1 and step.quality.value == pytest.approx(1 - step.quality_loss)
+    assert count(compressed.graph_module, ATTENTION) == LAYERS  # MLP sublayer removed, attention kept
+    assert count(compressed.graph_module, torch.ops.fxfuse.gelu.default) == LAYERS - 1
+    assert step.parameters < report.original_parameters
+    assert any("post-norm" in note or "no branch before" in note for note in step.repairs)
+    out = compressed(**zoo.inputs(3, 11, seed=4))
+    assert out.last_hidden_state.shape == (3, 11, 32)
