@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -21,6 +20,7 @@ from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
 from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
 from fxfuse.errors import InputError
+from fxfuse.ir.dialect import OPS
 from fxfuse.report import count_dialect_ops
 
 Scorer = Literal["loss", "similarity"]
@@ -212,7 +212,6 @@ def _score(scorer: str, current: fx.GraphModule, candidates: list[tuple[str, ...
 def _repair(original: fx.GraphModule, trial: fx.GraphModule, order: list[str], removed: set[str], new: set[str],
             cal: list[Batch], ridge: Optional[float]) -> tuple[fx.GraphModule, list[str]]:
     """Repair the gap (run of removed branches, in graph order) that holds the newly removed ones."""
-    notes = []
     positions = sorted(order.index(n) for n in new)
     start = positions[0]
     while start > 0 and order[start - 1] in removed:
@@ -223,8 +222,7 @@ def _repair(original: fx.GraphModule, trial: fx.GraphModule, order: list[str], r
     if start == 0:
         return trial, [f"no repair of {order[0]}…: no branch before it"]
     repaired, note = repair_gap(original, trial, order[start - 1], order[end], cal, ridge)
-    notes.append(note)
-    return (repaired if repaired is not None else trial), notes
+    return (repaired if repaired is not None else trial), [note]
 
 
 def _finish(gm: fx.GraphModule, optimized: OptimizedModule) -> OptimizedModule:
@@ -236,14 +234,14 @@ def _finish(gm: fx.GraphModule, optimized: OptimizedModule) -> OptimizedModule:
 
 def parameter_count(gm: nn.Module) -> int:
     """Number of weights the module holds (each tensor once)."""
-    return sum(p.numel() for p in {id(p): p for p in gm.parameters()}.values())
+    return sum(p.numel() for p in gm.parameters())  # parameters() yields a shared tensor once
 
 
 def kv_bytes_per_token(gm: fx.GraphModule) -> int:
     """Bytes of K and V one token adds to a KV cache: over the graph's attention ops, Hkv·(Dk + Dv)·itemsize."""
     total = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.fxfuse.attention.default:
+        if node.op == "call_function" and node.target is OPS["attention"]:
             k, v = node.args[1].meta["val"], node.args[2].meta["val"]
             total += k.shape[1] * (k.shape[-1] + v.shape[-1]) * k.element_size()
     return total

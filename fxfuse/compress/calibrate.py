@@ -106,7 +106,7 @@ def stream_statistics(gm: fx.GraphModule, branches: list[Branch], layers: list[L
                       data: list[Batch], cache_dir: Optional[str] = None) -> dict[str, float]:
     """Similarity scores, token means, by name: per branch (LLM-Drop's 1 - cos(x, x + f(x))) and per layer
     (ShortGPT's block influence, 1 - cos(layer input, layer output); named "attention[i]+mlp[i]")."""
-    path = _cache_path(gm, data, cache_dir)
+    path = _cache_path(gm, [b.name for b in branches] + [layer.name for layer in layers], data, cache_dir)
     if path is not None and path.exists():
         return torch.load(path)
     nodes: dict[str, fx.Node] = {}
@@ -122,11 +122,11 @@ def stream_statistics(gm: fx.GraphModule, branches: list[Branch], layers: list[L
         s[1] += count
 
     def on_batch(_: int, values: dict[str, Tensor], batch: Batch) -> None:
+        after = {b.name: values[f"in:{b.name}"] + values[f"f:{b.name}"] for b in branches}
         for b in branches:
-            add(b.name, values[f"in:{b.name}"], values[f"in:{b.name}"] + values[f"f:{b.name}"], batch)
+            add(b.name, values[f"in:{b.name}"], after[b.name], batch)
         for layer in layers:
-            after = values[f"in:{layer.mlp.name}"] + values[f"f:{layer.mlp.name}"]
-            add(layer.name, values[f"in:{layer.attention.name}"], after, batch)
+            add(layer.name, values[f"in:{layer.attention.name}"], after[layer.mlp.name], batch)
 
     observe(gm, nodes, data, on_batch, desc="calibration statistics")
     stats = {k: total / max(count, 1) for k, (total, count) in sums.items()}
@@ -136,25 +136,29 @@ def stream_statistics(gm: fx.GraphModule, branches: list[Branch], layers: list[L
     return stats
 
 
-def _cache_path(gm: fx.GraphModule, data: list[Batch], cache_dir: Optional[str]) -> Optional[Path]:
-    """Where statistics for this graph, weights and data are cached (``FXFUSE_CACHE`` or ~/.cache/fxfuse);
-    None when caching is off (``cache_dir=""``)."""
+def _cache_path(gm: fx.GraphModule, names: list[str], data: list[Batch], cache_dir: Optional[str]) -> Optional[Path]:
+    """Where the statistics ``names`` of this graph, weights and data are cached (``FXFUSE_CACHE`` or
+    ~/.cache/fxfuse); None when caching is off (``cache_dir=""``)."""
     root = cache_dir if cache_dir is not None else os.environ.get("FXFUSE_CACHE", str(Path.home() / ".cache/fxfuse"))
     if not root:
         return None
     h = hashlib.sha256(gm.code.encode())
+    h.update(repr(names).encode())
     for name, t in sorted({**dict(gm.named_parameters()), **dict(gm.named_buffers())}.items()):
         h.update(name.encode())
-        h.update(_fingerprint(t))
+        _hash_tensor(h, t)
     for batch in data:
         for key in sorted(batch):
             h.update(key.encode())
             value = batch[key]
-            h.update(_fingerprint(value) if isinstance(value, Tensor) else repr(value).encode())
+            if isinstance(value, Tensor):
+                _hash_tensor(h, value)
+            else:
+                h.update(repr(value).encode())
     return Path(root) / "calibration" / f"{h.hexdigest()[:32]}.pt"
 
 
-def _fingerprint(t: Tensor) -> bytes:
-    """Shape, dtype and the exact bytes of the tensor (hashing them reads the tensor once)."""
-    flat = t.detach().contiguous().view(-1)
-    return repr((tuple(t.shape), t.dtype)).encode() + flat.view(torch.uint8).numpy().tobytes()
+def _hash_tensor(h: Any, t: Tensor) -> None:
+    """Feed ``t``'s shape, dtype and exact bytes to ``h`` (read in place, not copied)."""
+    h.update(repr((tuple(t.shape), t.dtype)).encode())
+    h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy())

@@ -25,6 +25,7 @@ from fxfuse.ir.meta import fake_mode_of
 from fxfuse.ir.rewrite import Builder
 from fxfuse.ir.verify import verify
 
+
 def drop_branches(gm: fx.GraphModule, names: set[str]) -> fx.GraphModule:
     """A copy of ``gm`` (sharing its weights) without the tagged branches in ``names``."""
     work = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # a graph needs an owning module for dead-code checks
@@ -54,7 +55,6 @@ def _bypass(graph: fx.Graph, mode, branch: Branch) -> None:
     norm_args = (stream, *add.args[2:])
     b = Builder(graph, mode, add)
     norm = b.call(_ADD_NORMS[add.target], *norm_args, **add.kwargs)
-    norm.meta[BRANCH_TAG] = f"norm of removed {branch.name}"
     for user in list(add.users):
         user.replace_all_uses_with(norm if user.args[1] == 0 else stream)
         graph.erase_node(user)

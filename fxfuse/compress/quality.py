@@ -75,10 +75,8 @@ class Judge:
 
     def __init__(self, original: Callable[..., Any], data: list[Batch]) -> None:
         self.data = data
-        with torch.no_grad():
-            first = original(**data[0])
-            self.language_model = is_language_model(first, data[0])
-            self.reference = None if self.language_model else [pooled(original(**b), b) for b in data]
+        self.language_model: Optional[bool] = None  # read off the original's first output
+        self.reference: list[Tensor] = []  # the original's pooled outputs, for models without logits
         self.original = self.measure(original)
 
     def measure(self, model: Callable[..., Any]) -> Quality:
@@ -87,6 +85,10 @@ class Judge:
         with torch.no_grad():
             for i, batch in enumerate(self.data):
                 output = model(**batch)
+                if self.language_model is None:
+                    self.language_model = is_language_model(output, batch)
+                if not self.language_model and len(self.reference) == i:  # measuring the original itself
+                    self.reference.append(pooled(output, batch))
                 if self.language_model:
                     nll, n = next_token_nll(output, batch)
                 else:

@@ -30,11 +30,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxfuse.compress.calibrate import Batch, observe, token_mask
-from fxfuse.compress.structure import Branch, find_branches
-
-
-def _by_name(gm: fx.GraphModule) -> dict[str, Branch]:
-    return {b.name: b for b in find_branches(gm.graph)}
+from fxfuse.compress.structure import find_branches
 
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -48,15 +44,16 @@ def repair_gap(original: fx.GraphModule, current: fx.GraphModule, previous: str,
     ``ridge`` (relative λ) defaults to the one of :data:`RIDGES` with the least error on held-out
     calibration batches (leave one batch out); when no λ beats no repair there, nothing is refitted.
     """
-    kept = _by_name(current).get(previous)
-    target = _by_name(original).get(last_removed)
+    original_branches = find_branches(original.graph)
+    kept = {b.name: b for b in find_branches(current.graph)}.get(previous)
+    target = {b.name: b for b in original_branches}.get(last_removed)
     if kept is None or target is None:
         return None, f"{previous} or {last_removed} is not a branch of the graph"
     projection = kept.projection
     if projection is None or projection.target is not torch.ops.aten.linear.default \
             or projection.args[1].op != "get_attr":
         return None, f"{previous} does not end in a linear with a stored weight"
-    if not all(_is_sum(b.stream) for b in find_branches(original.graph)[1:]):
+    if not all(_is_sum(b.stream) for b in original_branches[1:]):
         return None, f"the stream after {previous} is normalized (post-norm); a fit of the sum would not hold"
 
     targets: list[Tensor] = []

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxfuse.ir.dialect import OPS
+from fxfuse.passes.residual import residual_operands
 
 _ADD_NORMS = {OPS["add_rms_norm"]: OPS["rms_norm"], OPS["add_layer_norm"]: OPS["layer_norm"]}
 _ACTIVATIONS = {
@@ -37,7 +38,7 @@ _LINEARS = (torch.ops.aten.linear.default, torch.ops.aten.addmm.default)
 
 @dataclass
 class Branch:
-    """One sublayer: ``add`` sums ``stream`` (operand ``stream_arg``) and ``output`` (operand ``branch_arg``).
+    """One sublayer: ``add`` sums the residual ``stream`` and the branch's ``output``.
 
     ``kind`` is "attention" or "mlp"; ``nodes`` are the branch's own nodes (those
     nothing else reads); ``parameters`` the attribute targets only they read;
@@ -49,8 +50,6 @@ class Branch:
     add: fx.Node
     stream: fx.Node
     output: fx.Node
-    stream_arg: int
-    branch_arg: int
     nodes: list[fx.Node] = field(default_factory=list)
     parameters: list[str] = field(default_factory=list)
     projection: Optional[fx.Node] = None
@@ -100,14 +99,6 @@ def _ancestors(node: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _is_tensor_add(node: fx.Node) -> bool:
-    if node.target is not torch.ops.aten.add.Tensor or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
-        return False
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args]
-    out = node.meta.get("val")
-    return all(isinstance(v, torch.Tensor) and v.shape == out.shape for v in (*vals, out))
-
-
 def _classify(stream: fx.Node, branch: fx.Node) -> Optional[tuple[str, set[fx.Node]]]:
     """The kind of the branch from ``stream`` to ``branch`` and the nodes between them, or None."""
     start = _source(stream)
@@ -133,13 +124,12 @@ def find_branches(graph: fx.Graph) -> list[Branch]:
     """Every residual branch of ``graph``, in graph order."""
     branches: list[Branch] = []
     for node in graph.nodes:
-        if node.op != "call_function" or not (node.target in _ADD_NORMS or _is_tensor_add(node)):
+        if node.op != "call_function" or not (node.target in _ADD_NORMS or residual_operands(node)):
             continue
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
-        for stream_arg, branch_arg in ((0, 1), (1, 0)):
-            stream, output = node.args[stream_arg], node.args[branch_arg]
+        for stream, output in ((a, b), (b, a)):
             found = _classify(stream, output)
             if found is None:
                 continue
@@ -147,7 +137,7 @@ def find_branches(graph: fx.Graph) -> list[Branch]:
             own = _own_nodes(output, inner)
             branches.append(Branch(
                 index=sum(br.kind == kind for br in branches), kind=kind, add=node, stream=stream, output=output,
-                stream_arg=stream_arg, branch_arg=branch_arg, nodes=own,
+                nodes=own,
                 parameters=sorted({str(p.target) for n in own for p in n.all_input_nodes
                                    if p.op == "get_attr" and all(u in own for u in p.users)}),
                 projection=output if output.target in _LINEARS else None,
@@ -159,13 +149,9 @@ def find_branches(graph: fx.Graph) -> list[Branch]:
 def _own_nodes(output: fx.Node, inner: set[fx.Node]) -> list[fx.Node]:
     """The nodes of ``inner`` that only the branch reads (shared masks and rotary tables excluded)."""
     own: set[fx.Node] = {output}
-    changed = True
-    while changed:
-        changed = False
-        for n in inner:
-            if n not in own and n.users and all(u in own for u in n.users):
-                own.add(n)
-                changed = True
+    for n in reversed(output.graph.nodes):  # a node's users come after it: one backward pass settles it
+        if n in inner and n.users and all(u in own for u in n.users):
+            own.add(n)
     return [n for n in output.graph.nodes if n in own]
 
 
