@@ -4,9 +4,11 @@
 :class:`EagerProgram`, a copy of the graph (reading parameters through the
 optimized module, ``_root``, as the Triton program does) in which
 
-* each dialect node calls its reference implementation directly
-  (``fxfuse.ir.dialect.REFERENCE``) instead of going through the dispatcher,
-  which costs about 10 µs a call;
+* each dialect node calls its implementation directly instead of going
+  through the dispatcher, which costs about 10 µs a call: the reference
+  (``fxfuse.ir.dialect.REFERENCE``), or for the rotary embedding and the
+  RMS norms this module's forms (:data:`FAST`), which compute the same
+  numbers in fewer passes over memory;
 * each ``aten.linear`` calls :func:`linear`, and a linear whose only reader is
   an activation (``fxfuse.gelu`` erf or tanh, ``relu``, ``silu``) calls it
   with that activation as its epilogue; a ``fxfuse.gated_mlp_act`` whose gate
@@ -17,29 +19,31 @@ optimized module, ``_root``, as the Triton program does) in which
   :func:`addmm`, the same linear on the transposed view of ``w``.
 
 :func:`linear` runs oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
-the kernel Inductor's CPU back end uses for linear + pointwise fusion) on CPU
-float32/bfloat16 tensors when no gradient is needed, and ``F.linear`` plus
-the activation otherwise (CUDA tensors, autograd, other dtypes, oneDNN
-turned off with ``torch.backends.mkldnn.flags(enabled=False)``), so the
-program computes the same thing everywhere. Why oneDNN: on an AMD EPYC (Zen 4,
-2 threads) its fp32 GEMM ran 8-25% faster than the MKL sgemm behind
-``F.linear`` at transformer shapes, and a fused SwiGLU 17% faster than three
-separate kernels (``benchmarks/results/cpu-latency.md`` measures the whole
-models).
+the kernel Inductor's CPU back end uses for linear + pointwise fusion) or
+``F.linear`` plus the activation (ATen's GEMM, MKL on x86), whichever
+:data:`GEMMS` timed faster for that shape on this machine, on CPU
+float32/bfloat16 tensors when no gradient is needed; ``F.linear`` otherwise
+(CUDA tensors, autograd, other dtypes, oneDNN turned off with
+``torch.backends.mkldnn.flags(enabled=False)``), so the program computes the
+same thing everywhere. Neither kernel wins everywhere: on an AMD EPYC (Zen 4,
+2 threads) oneDNN ran 8-25% faster at transformer shapes and a fused SwiGLU
+17% faster than three kernels; on an Intel Xeon (AVX-512, 2 threads) they
+were even at 512 rows, oneDNN 20-40% faster at 4-16 rows and ATen up to 2x
+faster at one row (a decode step).
 
 A weight that is an ``nn.Parameter`` is handed to oneDNN in its own blocked
-layout (:data:`PACKED`), made on first use, as Inductor's freezing does: on
-an Intel Xeon (AVX-512, 2 threads) oneDNN on the plain (out, in) weight was
-2-8% slower than ``F.linear``, because it reorders the weight on every call,
-and 3-13% faster on the packed one from 4 to 1000 rows. The packed copies
-cost one more copy of the linear weights' memory; ``PACKED.clear()`` frees
-them.
+layout (:data:`PACKED`), made on first use, as Inductor's freezing does:
+oneDNN on the plain (out, in) weight reorders it on every call. The packed
+copies cost one more copy of the linear weights' memory; ``PACKED.clear()``
+frees them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -48,7 +52,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fxfuse.codegen.program import graph_reading_root, module_reading_root
-from fxfuse.ir.dialect import OPS, REFERENCE
+from fxfuse.ir.dialect import OPS, REFERENCE, _check_rope
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _LINEAR = torch.ops.aten.linear.default
@@ -61,36 +65,100 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _activate(y: Tensor, act: str, algorithm: str) -> Tensor:
+    """``act(y)``, in place on ``y`` (a GEMM's fresh output) when no gradient flows: one buffer fewer."""
+    inplace = not _needs_grad(y)
     if act == "none":
         return y
     if act == "gelu":
-        return F.gelu(y, approximate=algorithm)
+        return torch.ops.aten.gelu_(y, approximate=algorithm) if inplace else F.gelu(y, approximate=algorithm)
     if act == "relu":
-        return F.relu(y)
+        return F.relu(y, inplace=inplace)
     if act == "swish":
-        return F.silu(y)
+        return F.silu(y, inplace=inplace)
     raise ValueError(f"fxfuse eager back end: unknown linear epilogue {act!r}")
-
-
-# Below this many rows (tokens), F.linear runs instead: oneDNN's GEMM on an unpacked weight reorders it on
-# every call, which only pays back over many rows. Measured on this project's 2-core Intel Xeon with
-# torch 2.13 (576-2048 wide weights): at 1-4 rows F.linear was 1.3-3x faster, at 16 they were even.
-ONEDNN_MIN_ROWS = 16
 
 
 def _onednn_ok(*tensors: Optional[Tensor]) -> bool:
     if not torch.backends.mkldnn.enabled:  # the user turned oneDNN off (torch.backends.mkldnn.flags)
         return False
-    x = tensors[0]
-    if x is not None and x.dim() and x.numel() < ONEDNN_MIN_ROWS * x.shape[-1]:
-        return False  # a decode step's few rows
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
     if any(t.device.type != "cpu" or t.dtype != dtype for t in present) or dtype not in _ONEDNN_DTYPES:
         return False
     # oneDNN's fused linear has no backward: keep autograd's own ops when a gradient is wanted.
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    return not _needs_grad(*present)
+
+
+class GemmChoice:
+    """Which kernel runs each GEMM shape: oneDNN's (packed weight, fused epilogue) or ATen's (MKL), by timing.
+
+    Neither wins everywhere: on this project's 2-core Intel Xeon, oneDNN on a
+    packed weight took 0.6-0.8x ATen's time at 4-16 rows and 1.1-2.6x at one
+    row, and they were within 2% of each other at 512 rows, with the winner
+    depending on the weight's shape. So the first call of each key (the GEMM
+    kind, rows rounded up to a power of two, the weight's shape and dtype,
+    the epilogue) times both kernels on its own inputs (best of three after
+    a warm-up, a few GEMMs' time once) and every later call of that key runs
+    the winner. ``force`` ("onednn" or "aten", see :func:`gemm_kernel`)
+    skips the timing; ``choices`` shows what was chosen.
+    """
+
+    KERNELS = ("onednn", "aten")
+
+    def __init__(self) -> None:
+        self.choices: dict[tuple, str] = {}
+        self.force: Optional[str] = None
+
+    def pick(self, key: tuple, candidates: dict[str, Any]) -> str:
+        """The kernel for ``key``; on its first call, the faster of ``candidates`` (kernel name → thunk)."""
+        if self.force is not None:
+            return self.force
+        chosen = self.choices.get(key)
+        if chosen is None:
+            chosen = self.choices[key] = _fastest(candidates)
+        return chosen
+
+    def clear(self) -> None:
+        """Forget every choice (they are timed again on next use)."""
+        self.choices.clear()
+
+
+def _fastest(candidates: dict[str, Any], rounds: int = 3) -> str:
+    """The name of the thunk in ``candidates`` with the least best-of-``rounds`` time, after one warm-up each."""
+    best = dict.fromkeys(candidates, float("inf"))
+    for thunk in candidates.values():
+        thunk()
+    for _ in range(rounds):
+        for name, thunk in candidates.items():
+            start = time.perf_counter()
+            thunk()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.__getitem__)
+
+
+GEMMS = GemmChoice()
+
+
+@contextlib.contextmanager
+def gemm_kernel(kernel: Optional[str]) -> Iterator[None]:
+    """Run every eligible GEMM on ``kernel`` ("onednn" or "aten") inside the block; None: choose by timing."""
+    if kernel is not None and kernel not in GemmChoice.KERNELS:
+        raise ValueError(f"gemm_kernel: kernel must be one of {GemmChoice.KERNELS} or None, got {kernel!r}")
+    previous, GEMMS.force = GEMMS.force, kernel
+    try:
+        yield
+    finally:
+        GEMMS.force = previous
+
+
+def _gemm_key(kind: str, x: Tensor, weight: Tensor, *extra: Any) -> tuple:
+    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    return (kind, max(rows - 1, 0).bit_length(), tuple(weight.shape), weight.dtype, *extra)
 
 
 class PackedWeights:
@@ -140,8 +208,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = 
     ``parameter`` is the tensor ``weight`` is a view of (default: ``weight`` itself); a parameter's
     packed copy is what oneDNN reads."""
     if _onednn_ok(x, weight, bias):
-        packed = _onednn_weight(weight, weight if parameter is None else parameter, x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, act, [], algorithm)
+        source = weight if parameter is None else parameter
+
+        def onednn() -> Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(weight, source, x), bias, act, [], algorithm)
+
+        key = _gemm_key("linear", x, weight, bias is not None, act, algorithm)
+        if GEMMS.pick(key, {"onednn": onednn, "aten": lambda: _activate(F.linear(x, weight, bias), act, algorithm)}) \
+                == "onednn":
+            return onednn()
     return _activate(F.linear(x, weight, bias), act, algorithm)
 
 
@@ -150,17 +225,98 @@ def gated_linear(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up:
     """``fxfuse.gated_mlp_act(F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up), activation)``."""
     act, algorithm = _GATED[activation]
     same_rows = x_gate.shape[:-1] == x_up.shape[:-1] and w_gate.shape[0] == w_up.shape[0]
+
+    def aten() -> Tensor:
+        gate, up = F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up)
+        if gate.shape != up.shape or _needs_grad(gate, up):
+            return REFERENCE["gated_mlp_act"](gate, up, activation)
+        return _activate(gate, act, algorithm).mul_(up)
+
     if same_rows and _onednn_ok(x_gate, w_gate, b_gate, x_up, w_up, b_up):
-        gate = torch.ops.mkldnn._linear_pointwise(x_gate, _onednn_weight(w_gate, w_gate, x_gate), b_gate, act, [],
-                                                  algorithm)
-        return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, _onednn_weight(w_up, w_up, x_up), b_up, "mul")
-    return REFERENCE["gated_mlp_act"](F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up), activation)
+        def onednn() -> Tensor:
+            gate = torch.ops.mkldnn._linear_pointwise(x_gate, _onednn_weight(w_gate, w_gate, x_gate), b_gate, act,
+                                                      [], algorithm)
+            return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, _onednn_weight(w_up, w_up, x_up), b_up,
+                                                             "mul")
+
+        key = _gemm_key("gated", x_gate, w_gate, b_gate is not None, b_up is not None, activation)
+        if GEMMS.pick(key, {"onednn": onednn, "aten": aten}) == "onednn":
+            return onednn()
+    return aten()
 
 
 def addmm(bias: Tensor, x: Tensor, weight_in_out: Tensor) -> Tensor:
     """``torch.addmm(bias, x, weight_in_out)`` with a 1-D bias: a linear whose weight is stored (in, out),
     as GPT-2's ``Conv1D`` keeps it; oneDNN reads the transposed view without a copy."""
     return linear(x, weight_in_out.t(), bias, parameter=weight_in_out)
+
+
+# Below this many elements a rotary call is a handful of dispatcher calls either way and the reference's
+# fewer calls win (one decode token: 65 vs 80 µs on the project's Xeon); above it the two-pass form does.
+ROPE_MIN_ELEMENTS = 8192
+
+
+def _rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x·cos + rotate_half(x)·sin written into a tensor laid out like ``x``: two passes per half, no temporaries."""
+    rot_dim = cos.shape[-1]
+    half = rot_dim // 2
+    out = torch.empty_like(x)
+    x1, x2, o1, o2 = x[..., :half], x[..., half:rot_dim], out[..., :half], out[..., half:rot_dim]
+    torch.mul(x1, cos[..., :half], out=o1).addcmul_(x2, sin[..., :half], value=-1)
+    torch.mul(x2, cos[..., half:], out=o2).addcmul_(x1, sin[..., half:])
+    if rot_dim < x.shape[-1]:
+        out[..., rot_dim:] = x[..., rot_dim:]
+    return out
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """``fxfuse.rope``: the reference's arithmetic, without its concatenated copies and layout copy-back.
+
+    The reference builds rotate_half(x) by concatenation and copies its
+    result back into the input's (B, S, H, D) layout; this writes each half
+    straight into that layout: 0.44 ms instead of 2.9 ms for 12 + 4 heads of
+    512 tokens on the project's Xeon. Interleaved pairs, autograd, cos/sin
+    that broadcast past q or k, and small calls run the reference.
+    """
+    _check_rope(q, k, cos, sin)
+    fast = (not interleaved and q.numel() >= ROPE_MIN_ELEMENTS and not _needs_grad(q, k, cos, sin)
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and all(cos.dim() <= x.dim() and torch.broadcast_shapes(x.shape[:-1], cos.shape[:-1]) == x.shape[:-1]
+                    for x in (q, k)))
+    if not fast:
+        return REFERENCE["rope"](q, k, cos, sin, interleaved)
+    return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
+
+
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # one pass, CPU kernel since torch 2.9
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """``fxfuse.rms_norm`` on float32 (contiguous, float32 or no weight): ATen's one-pass kernel.
+
+    Equal to the reference in every bit on float32 (tested), and 5x faster
+    at 512 × 768 on the project's Xeon (0.27 against 1.36 ms): the reference
+    is five kernels. Other dtypes run the reference, which rounds the
+    normalized value to the input's dtype before the weight multiplies it.
+    """
+    fast = (_FUSED_RMS_NORM is not None and x.dtype == torch.float32 and x.is_contiguous()
+            and (weight is None or (weight.dtype == torch.float32 and weight.shape == x.shape[-1:]))
+            and not _needs_grad(x, weight))
+    if not fast:
+        return REFERENCE["rms_norm"](x, weight, eps)
+    return _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)[0]
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """``fxfuse.add_rms_norm``: the sum, then :func:`rms_norm` of it."""
+    if x.shape != residual.shape or x.dtype != residual.dtype or not (x.is_contiguous() and residual.is_contiguous()):
+        return REFERENCE["add_rms_norm"](x, residual, weight, eps)
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+FAST = {"rope": rope, "rms_norm": rms_norm, "add_rms_norm": add_rms_norm}
+"""Dialect ops that this back end runs through its own forms; the others run their reference."""
 
 
 def _is_plain_addmm(node: fx.Node) -> bool:
@@ -235,7 +391,7 @@ class EagerProgram:
         graph = graph_reading_root(gm)
         use_onednn = onednn_available() if onednn is None else onednn
         self.lowered = dict(sorted(_lower_linears(graph).items())) if use_onednn else {}
-        by_target = {op: REFERENCE[name] for name, op in OPS.items()}
+        by_target = {op: FAST.get(name, REFERENCE[name]) for name, op in OPS.items()}
         for node in graph.nodes:
             if node.op == "call_function" and node.target in by_target:
                 node.target = by_target[node.target]
