@@ -16,6 +16,7 @@ from fxfuse.codegen import lower
 from fxfuse.compress.calibrate import Batch, batches, stream_statistics
 from fxfuse.compress.checkpoint import save_pretrained
 from fxfuse.compress.drop import drop_branches
+from fxfuse.compress.heads import choose_heads, find_heads, head_scores, prune_heads, refit_outputs
 from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
 from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
@@ -23,7 +24,8 @@ from fxfuse.errors import InputError
 from fxfuse.ir.dialect import OPS
 from fxfuse.report import count_dialect_ops
 
-Scorer = Literal["loss", "similarity"]
+Scorer = Literal["loss", "similarity", "gradient", "activation"]
+HEAD_SCORERS = ("loss", "gradient", "activation")
 
 
 @dataclass
@@ -108,7 +110,9 @@ def compress(
     layers: int = 0,
     attention_sublayers: int = 0,
     mlp_sublayers: int = 0,
-    scorer: Scorer = "loss",
+    heads: float = 0,
+    uniform: bool = False,
+    scorer: Optional[Scorer] = None,
     repair: bool = True,
     ridge: Optional[float] = None,
     max_quality_loss: Optional[float] = None,
@@ -116,7 +120,8 @@ def compress(
     score_batches: int = 2,
     cache_dir: Optional[str] = None,
 ) -> CompressedModule:
-    """Remove ``layers`` whole layers, or ``attention_sublayers`` / ``mlp_sublayers`` sublayers, one at a time.
+    """Remove ``layers`` whole layers, ``attention_sublayers`` / ``mlp_sublayers`` sublayers (one at a
+    time), or ``heads`` query heads (a fraction of all, or a count; :mod:`fxfuse.compress.heads`).
 
     ``calibration`` (input dicts, ``(tokenizer, texts)`` or a loader of dicts,
     see :func:`fxfuse.compress.calibrate.batches`) drives the scores and the
@@ -130,20 +135,30 @@ def compress(
     before each gap is refitted in closed form (:mod:`fxfuse.compress.repair`;
     ``ridge``: its relative λ, by default chosen on left-out calibration batches,
     with no refit where none pays).
+    Heads are scored once on the calibration data (``scorer="gradient"``,
+    Michel et al.'s, the default for language models; ``"activation"``, the
+    default otherwise; ``"loss"``, each head's exact removal measured on
+    ``score_batches`` batches), removed lowest first (``uniform``: as many from every
+    layer) and, with ``repair``, each pruned op's output projection is refitted
+    to its original output; with a budget they go in four increments.
     Quality is perplexity for a language model (loss = relative rise) or the
     cosine of pooled outputs to the original's (loss = 1 - cosine). With
     ``max_quality_loss``, a step whose held-out loss would exceed it is refused
     and removal stops there; the report says so. ``model`` may be an
     ``OptimizedModule`` already (its fused graph is reused, not changed).
     """
-    counts = {"layers": layers, "attention_sublayers": attention_sublayers, "mlp_sublayers": mlp_sublayers}
+    counts = {"layers": layers, "attention_sublayers": attention_sublayers, "mlp_sublayers": mlp_sublayers,
+              "heads": heads}
     asked = {k: v for k, v in counts.items() if v}
-    if len(asked) != 1 or any(not isinstance(v, int) or v < 0 for v in counts.values()):
-        raise InputError(f"ask for one kind of removal with a positive count (layers=, attention_sublayers= or "
-                         f"mlp_sublayers=); got {counts}")
-    if scorer not in ("loss", "similarity"):
-        raise InputError(f"scorer must be 'loss' or 'similarity', not {scorer!r}")
+    bad_count = any(not isinstance(v, int) or v < 0 for k, v in counts.items() if k != "heads")
+    bad_heads = not isinstance(heads, (int, float)) or heads < 0 or (isinstance(heads, float) and heads >= 1)
+    if len(asked) != 1 or bad_count or bad_heads:
+        raise InputError(f"ask for one kind of removal with a positive count (layers=, attention_sublayers=, "
+                         f"mlp_sublayers=, or heads= as a count or a fraction below 1); got {counts}")
     unit, count = next(iter(asked.items()))
+    allowed = HEAD_SCORERS if unit == "heads" else ("loss", "similarity")
+    if scorer is not None and scorer not in allowed:
+        raise InputError(f"scorer for {unit} must be one of {allowed}, not {scorer!r}")
     cal = batches(calibration)
     held = batches(held_out) if held_out is not None else None
     if held is None:
@@ -157,6 +172,11 @@ def compress(
     cal = [{**b, **fixed} for b in cal]
     held = [{**b, **fixed} for b in held]
     original = optimized.graph_module
+    if unit == "heads":
+        report, current = _compress_heads(original, heads, uniform, scorer, repair, ridge, cal, held,
+                                          max_quality_loss, score_batches)
+        return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
+    scorer = scorer or "loss"
     branches = find_branches(original.graph)
     tag_branches(branches)
     candidates = _candidates(unit, branches)
@@ -191,6 +211,52 @@ def compress(
             break
         current, removed = trial, removed | set(best)
     return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
+
+
+def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, scorer: Optional[str], repair: bool,
+                    ridge: Optional[float], cal: list[Batch], held: list[Batch],
+                    budget: Optional[float], score_batches: int) -> tuple[CompressReport, fx.GraphModule]:
+    """Score every query head once, then remove the lowest (in four increments under a budget)."""
+    found = find_heads(original)
+    total = sum(h.q_heads for h in found)
+    count = round(heads * total) if isinstance(heads, float) else heads
+    if not 0 < count < total:
+        raise InputError(f"heads={heads} asks for {count} of the graph's {total} query heads; ask for 1 to {total - 1}")
+    judge = Judge(original, held)
+    scorer = scorer or ("gradient" if judge.language_model else "activation")
+    scoring = Judge(original, cal[:score_batches]) if scorer == "loss" else None
+    scores = head_scores(original, found, cal, scorer, scoring)
+    report = CompressReport(unit="heads", scorer=scorer, repair=repair, original=judge.original,
+                            original_parameters=parameter_count(original),
+                            original_kv_bytes_per_token=kv_bytes_per_token(original), budget=budget)
+    current, accepted = original, 0
+    increments = [count] if budget is None else sorted({max(1, round(count * i / 4)) for i in range(1, 5)})
+    previous: Optional[dict[str, list[int]]] = None
+    for target in increments:
+        start = time.perf_counter()
+        keep = choose_heads(found, scores, target, uniform)
+        if keep == previous:  # removal units (one head per KV group) can cover two increments
+            continue
+        previous = keep
+        trial = prune_heads(original, keep)
+        pruned = [h.name for h in found if len(keep[h.name]) < h.q_heads]
+        notes = refit_outputs(original, trial, pruned, cal, ridge) if repair else []
+        gone = {h.name: sorted(set(range(h.q_heads)) - set(keep[h.name])) for h in found}
+        removed = sum(len(idx) for idx in gone.values())
+        removed_scores = [float(scores[n][i]) for n, idx in gone.items() for i in idx]
+        quality = judge.measure(trial)
+        step = Step(removed=tuple(f"{n}-{idx}" for n, idx in gone.items() if idx),
+                    score=sum(removed_scores) / len(removed_scores), quality=quality,
+                    quality_loss=quality.loss_against(judge.original), parameters=parameter_count(trial),
+                    kv_bytes_per_token=kv_bytes_per_token(trial), repairs=notes, seconds=time.perf_counter() - start)
+        report.steps.append(step)
+        if budget is not None and step.quality_loss > budget:
+            step.accepted = False
+            report.notes.append(f"the budget ({budget:g}) allowed {accepted} of the {count} query heads asked for: "
+                                f"removing {removed} would lose {step.quality_loss:.4g}")
+            break
+        current, accepted = trial, removed
+    return report, current
 
 
 def _candidates(unit: str, branches: list[Branch]) -> list[tuple[str, ...]]:

@@ -1,4 +1,4 @@
-"""A compressed model as a standard Hugging Face checkpoint: fewer layers in the config, layers renumbered.
+"""A compressed model as a standard Hugging Face checkpoint: fewer layers or heads in the config.
 
 The fused graph reads its weights under the original module paths
 (``model.layers.7.mlp.down_proj.weight``), repaired weights included. The
@@ -9,7 +9,10 @@ source model's state dict without the removed layers, the later ones
 renumbered, every weight the graph holds taken from the graph, and a config
 with ``num_hidden_layers`` (and per-layer lists such as ``layer_types``)
 cut to match. A model loaded from a GGUF file is de-quantized on load, so
-the checkpoint is a plain floating-point one.
+the checkpoint is a plain floating-point one. Pruned heads are written with
+``num_attention_heads`` / ``num_key_value_heads`` set to the kept counts and
+``head_dim`` kept, where they are the same in every layer and the config has
+a ``head_dim`` (LLaMA-style configs; BERT's derives it from the width).
 """
 
 from __future__ import annotations
@@ -30,12 +33,30 @@ def save_pretrained(source: nn.Module, graph_module: nn.Module, unit: str, remov
     if config is None or not hasattr(source, "save_pretrained"):
         raise InputError(f"save_pretrained needs a Hugging Face transformers model; the compressed model came "
                          f"from a {type(source).__name__}")
-    if unit != "layers" and removed:
+    held = {**dict(graph_module.named_parameters()), **dict(graph_module.named_buffers())}
+    if unit == "heads":
+        new_config = _heads_config(config, graph_module)
+        state = {name: held.get(name, value).detach().clone() for name, value in source.state_dict().items()}
+    elif unit == "layers" or not removed:
+        new_config, state = _without_layers(source, config, held, removed)
+    else:
         raise InputError(
             f"{removed} {unit.replace('_', ' ')} were removed, which {type(config).__name__} cannot express (every "
             f"layer has both sublayers). Compress with layers= for a checkpoint transformers can load, or keep "
             f"the compressed module in this process")
-    held = {**dict(graph_module.named_parameters()), **dict(graph_module.named_buffers())}
+    with torch.device("meta"):
+        model = type(source)(new_config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise InputError(f"the compressed checkpoint would lack {missing[:5]}; cannot save it")
+    model.save_pretrained(str(directory))
+
+
+def _without_layers(source: nn.Module, config: Any, held: dict[str, torch.Tensor],
+                    removed: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The config and state dict of ``source`` without the layers whose weights the graph no longer reads."""
     prefix, count = _layer_stack(source, config, held)
     kept = [i for i in range(count) if any(name.startswith(f"{prefix}.{i}.") for name in held)]
     if count - len(kept) != removed:
@@ -51,15 +72,27 @@ def save_pretrained(source: nn.Module, graph_module: nn.Module, unit: str, remov
                 continue
             target = f"{prefix}.{renumber[int(index)]}.{rest}"
         state[target] = held.get(name, value).detach().clone()
-    new_config = _cut_config(config, kept, count)
-    with torch.device("meta"):
-        model = type(source)(new_config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise InputError(f"the compressed checkpoint would lack {missing[:5]}; cannot save it")
-    model.save_pretrained(str(directory))
+    return _cut_config(config, kept, count), state
+
+
+def _heads_config(config: Any, graph_module: nn.Module) -> Any:
+    """``config`` with the pruned head counts, which must be the same in every layer."""
+    from fxfuse.compress.heads import find_heads
+
+    counts = {(h.q_heads, h.kv_heads, h.head_dim) for h in find_heads(graph_module)}
+    if len(counts) != 1:
+        raise InputError(f"the layers keep different numbers of heads ({sorted(counts)}), which "
+                         f"{type(config).__name__} cannot express (one head count for all layers). Compress with "
+                         f"uniform=True for a checkpoint transformers can load")
+    (q_heads, kv_heads, head_dim), = counts
+    if "head_dim" not in config.to_dict():
+        raise InputError(f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads, so "
+                         f"it cannot express {q_heads} heads of {head_dim}; keep the compressed module in this process")
+    new = _cut_config(config, list(range(config.num_hidden_layers)), config.num_hidden_layers)
+    new.num_attention_heads, new.head_dim = q_heads, head_dim
+    if hasattr(new, "num_key_value_heads"):
+        new.num_key_value_heads = kv_heads
+    return new
 
 
 def _layer_stack(source: nn.Module, config: Any, held: dict[str, torch.Tensor]) -> tuple[str, int]:

@@ -70,32 +70,33 @@ def repair_gap(original: fx.GraphModule, current: fx.GraphModule, previous: str,
     observe(current, {"y": kept.stream, "m": kept.output}, data, accumulate, desc=f"repair {previous}")
     gram, cross = sum(f[0] for f in folds), sum(f[1] for f in folds)
     if ridge is None:
-        ridge, gain = _cross_validated_ridge(folds)
+        ridge, gain = cross_validated_ridge(folds)
         if ridge is None:
             return None, f"no repair before {last_removed}: no ridge λ beat no repair on held-out batches"
         chosen = f"λ={ridge:g} by leave-one-batch-out, held-out error ×{gain:.3f}"
     else:
         chosen = f"λ={ridge:g}"
-    delta = _solve(gram, cross, ridge)
+    delta = solve_ridge(gram, cross, ridge)
     fit = torch.eye(delta.shape[0], dtype=torch.float64) + delta
 
     weight_node = projection.args[1]
     bias_node = projection.args[2] if len(projection.args) > 2 else projection.kwargs.get("bias")
-    weight = _get(current, weight_node.target)
-    _set(current, weight_node.target, (fit.T @ weight.double()).to(weight.dtype))
+    weight = get_tensor(current, weight_node.target)
+    set_tensor(current, weight_node.target, (fit.T @ weight.double()).to(weight.dtype))
     if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
-        bias = _get(current, bias_node.target)
-        _set(current, bias_node.target, (bias.double() @ fit).to(bias.dtype))
+        bias = get_tensor(current, bias_node.target)
+        set_tensor(current, bias_node.target, (bias.double() @ fit).to(bias.dtype))
     return current, f"refit {weight_node.target} ({chosen})"
 
 
-def _solve(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
+def solve_ridge(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
+    """Δ = (MᵀM + λI)⁻¹ MᵀR from ``gram`` = MᵀM and ``cross`` = MᵀR, with λ = ``ridge`` · tr(MᵀM) / d."""
     d = gram.shape[0]
     lam = ridge * float(gram.diagonal().sum()) / d
     return torch.linalg.solve(gram + lam * torch.eye(d, dtype=torch.float64), cross)
 
 
-def _cross_validated_ridge(folds: list[tuple[Tensor, Tensor, float]]) -> tuple[Optional[float], float]:
+def cross_validated_ridge(folds: list[tuple[Tensor, Tensor, float]]) -> tuple[Optional[float], float]:
     """(the λ of RIDGES with the least leave-one-batch-out error, that error / no repair's), or (None, 1)
     when there is a single batch or no λ does better than Δ = 0."""
     if len(folds) < 2:
@@ -106,7 +107,7 @@ def _cross_validated_ridge(folds: list[tuple[Tensor, Tensor, float]]) -> tuple[O
     for ridge in RIDGES:
         error = 0.0
         for g, c, rr in folds:
-            delta = _solve(gram - g, cross - c, ridge)
+            delta = solve_ridge(gram - g, cross - c, ridge)
             # ‖M·Δ − R‖² on the left-out batch, from its own MᵀM, MᵀR and ‖R‖².
             error += float((delta * (g @ delta)).sum() - 2 * (delta * c).sum()) + rr
         if error < best_error:
@@ -119,12 +120,13 @@ def _is_sum(node: fx.Node) -> bool:
     return node.target is torch.ops.aten.add.Tensor or (node.target is operator.getitem and node.args[1] == 1)
 
 
-def _get(gm: fx.GraphModule, target: str) -> Tensor:
+def get_tensor(gm: fx.GraphModule, target: str) -> Tensor:
+    """The tensor stored under the dotted ``target`` of ``gm``."""
     owner, _, leaf = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, leaf)
 
 
-def _set(gm: fx.GraphModule, target: str, value: Tensor) -> None:
+def set_tensor(gm: fx.GraphModule, target: str, value: Tensor) -> None:
     """Store a new tensor under ``target`` in ``gm`` only (the source model keeps its own)."""
     owner, _, leaf = target.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm

@@ -10,7 +10,7 @@ import fxfuse
 from fxfuse.compress import batches, drop_branches, find_branches, find_layers
 from fxfuse.compress.api import kv_bytes_per_token, parameter_count
 from fxfuse.compress.calibrate import observe, stream_statistics
-from fxfuse.compress.repair import _cross_validated_ridge, repair_gap
+from fxfuse.compress.repair import cross_validated_ridge, repair_gap
 from fxfuse.compress.structure import tag_branches
 from fxfuse.errors import InputError
 from tests.helpers import count
@@ -255,11 +255,11 @@ def _folds(signal: float, batches_: int = 6, tokens: int = 40, d: int = 8, seed:
 
 
 def test_the_ridge_is_chosen_on_left_out_batches_and_no_repair_wins_over_noise():
-    ridge, gain = _cross_validated_ridge(_folds(signal=3.0))
+    ridge, gain = cross_validated_ridge(_folds(signal=3.0))
     assert ridge is not None and ridge <= 1e-1 and gain < 0.2  # a real linear relation: fitted, error down 5x
-    ridge, gain = _cross_validated_ridge(_folds(signal=0.0, tokens=10))  # noise, few tokens per weight
+    ridge, gain = cross_validated_ridge(_folds(signal=0.0, tokens=10))  # noise, few tokens per weight
     assert ridge is None and gain == 1.0
-    assert _cross_validated_ridge(_folds(signal=3.0)[:1]) == (None, 1.0)  # one batch: nothing to check on
+    assert cross_validated_ridge(_folds(signal=3.0)[:1]) == (None, 1.0)  # one batch: nothing to check on
 
 
 def test_a_compressed_checkpoint_reloads_with_transformers(tmp_path):
