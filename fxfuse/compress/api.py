@@ -24,8 +24,8 @@ from fxfuse.errors import InputError
 from fxfuse.ir.dialect import OPS
 from fxfuse.report import count_dialect_ops
 
-Scorer = Literal["loss", "similarity", "gradient", "activation"]
-HEAD_SCORERS = ("loss", "gradient", "activation")
+Scorer = Literal["loss", "similarity", "greedy", "gradient", "activation"]
+HEAD_SCORERS = ("loss", "greedy", "gradient", "activation")
 
 
 @dataclass
@@ -138,7 +138,8 @@ def compress(
     Heads are scored once on the calibration data (``scorer="gradient"``,
     Michel et al.'s, the default for language models; ``"activation"``, the
     default otherwise; ``"loss"``, each head's exact removal measured on
-    ``score_batches`` batches), removed lowest first (``uniform``: as many from every
+    ``score_batches`` batches; ``"greedy"``, the same re-measured after each
+    removal, slower), removed lowest first (``uniform``: as many from every
     layer) and, with ``repair``, each pruned op's output projection is refitted
     to its original output; with a budget they go in four increments.
     Quality is perplexity for a language model (loss = relative rise) or the
@@ -224,8 +225,8 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, score
         raise InputError(f"heads={heads} asks for {count} of the graph's {total} query heads; ask for 1 to {total - 1}")
     judge = Judge(original, held)
     scorer = scorer or ("gradient" if judge.language_model else "activation")
-    scoring = Judge(original, cal[:score_batches]) if scorer == "loss" else None
-    scores = head_scores(original, found, cal, scorer, scoring)
+    scoring = Judge(original, cal[:score_batches]) if scorer in ("loss", "greedy") else None
+    scores = head_scores(original, found, cal, scorer, scoring, greedy=count if scorer == "greedy" else 0)
     report = CompressReport(unit="heads", scorer=scorer, repair=repair, original=judge.original,
                             original_parameters=parameter_count(original),
                             original_kv_bytes_per_token=kv_bytes_per_token(original), budget=budget)

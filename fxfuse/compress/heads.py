@@ -20,7 +20,9 @@ the output projection); ``"gradient"``, Michel et al.'s expected
 \\|∂L/∂gate\\| of a gate on the head's output, for language models, with L the
 next-token loss; ``"loss"``, the quality loss of removing the head alone
 (its output-projection columns zeroed: exact), measured like the held-out
-quality on a few calibration batches, one forward pass per head. Scores
+quality on a few calibration batches, one forward pass per head;
+``"greedy"``, the same loss re-measured after each removal with the removed
+heads silenced (one forward pass per remaining head per removal). Scores
 from activations and gradients are divided by their op's mean (Michel et al.
 normalize per layer). Repair refits each pruned op's output projection by ridge
 least squares so that the kept heads reproduce the original op's output on
@@ -239,36 +241,56 @@ def _refresh_values(gm: fx.GraphModule) -> None:
 
 
 def head_scores(gm: fx.GraphModule, heads: list[Heads], data: list[Batch], scorer: str,
-                judge: Optional[Judge] = None) -> dict[str, Tensor]:
+                judge: Optional[Judge] = None, greedy: int = 0) -> dict[str, Tensor]:
     """Per :class:`Heads` name, a (q_heads,) score, low = remove first: "activation" or "gradient" (divided by
     the op's mean: Michel et al. normalize per layer), or "loss": the quality loss ``judge`` measures with
-    the head's output-projection columns zeroed (its exact removal, one head at a time)."""
-    if scorer == "loss":
+    the head's output-projection columns zeroed (its exact removal, one head at a time); "greedy": the
+    first ``greedy`` removals chosen one by one, each loss measured with the earlier ones removed."""
+    if scorer in ("loss", "greedy"):
         if judge is None:
-            raise InputError("the loss head scorer needs a Judge of the calibration batches")
-        return _loss_scores(gm, heads, judge)
+            raise InputError(f"the {scorer} head scorer needs a Judge of the calibration batches")
+        return _loss_scores(gm, heads, judge, greedy)
     if scorer == "activation":
         raw = _activation_scores(gm, heads, data)
     elif scorer == "gradient":
         raw = _gradient_scores(gm, heads, data)
     else:
-        raise InputError(f"head scorer must be 'loss', 'activation' or 'gradient', not {scorer!r}")
+        raise InputError(f"head scorer must be 'loss', 'greedy', 'activation' or 'gradient', not {scorer!r}")
     return {name: s / s.mean().clamp_min(1e-30) for name, s in raw.items()}
 
 
-def _loss_scores(gm: fx.GraphModule, heads: list[Heads], judge: Judge) -> dict[str, Tensor]:
-    scores = {}
-    for h in tqdm(heads, desc="head removal losses", leave=False, disable=None):
-        target = _weight(h.out).target
-        weight = attr_of(gm, target).detach()
-        trial = fx.GraphModule(gm, gm.graph)  # its own module tree over the same graph and tensors
-        losses = []
-        for head in range(h.q_heads):
-            silenced = weight.clone()
-            silenced[:, head * h.v_dim:(head + 1) * h.v_dim] = 0
-            set_tensor(trial, target, silenced)
-            losses.append(judge.measure(trial).loss_against(judge.original))
-        scores[h.name] = torch.tensor(losses, dtype=torch.float64)
+def _loss_scores(gm: fx.GraphModule, heads: list[Heads], judge: Judge, greedy: int = 0) -> dict[str, Tensor]:
+    """Each head's exact-removal loss; with ``greedy`` = k, the first k removals are chosen one at a time,
+    each measured with the heads chosen before it already removed, and get scores below every other."""
+    trial = fx.GraphModule(gm, gm.graph)  # its own module tree over the same graph and tensors
+    weights = {h.name: attr_of(gm, _weight(h.out).target).detach().clone() for h in heads}
+    chosen: list[tuple[str, int]] = []
+    losses: dict[tuple[str, int], float] = {}
+    for _ in tqdm(range(max(greedy, 1)), desc="head removal losses", leave=False, disable=None):
+        for h in heads:
+            target = _weight(h.out).target
+            alive = [i for i in range(h.q_heads) if (h.name, i) not in chosen]
+            for head in alive if len(alive) > 1 or not greedy else []:
+                silenced = weights[h.name].clone()
+                silenced[:, head * h.v_dim:(head + 1) * h.v_dim] = 0
+                set_tensor(trial, target, silenced)
+                losses[(h.name, head)] = judge.measure(trial).loss_against(judge.original)
+            set_tensor(trial, target, weights[h.name])
+        if not greedy:
+            break
+        alive_count = {h.name: h.q_heads - sum(name == h.name for name, _ in chosen) for h in heads}
+        candidates = [key for key in losses if key not in chosen and alive_count[key[0]] > 1]
+        if not candidates:
+            break
+        name, head = min(candidates, key=losses.__getitem__)
+        chosen.append((name, head))
+        v_dim = next(h.v_dim for h in heads if h.name == name)
+        weights[name][:, head * v_dim:(head + 1) * v_dim] = 0
+    floor = min(losses.values()) - len(chosen) - 1.0
+    scores = {h.name: torch.tensor([losses[(h.name, i)] for i in range(h.q_heads)], dtype=torch.float64)
+              for h in heads}
+    for rank, (name, head) in enumerate(chosen):  # in the order chosen, below every measured loss
+        scores[name][head] = floor + rank
     return scores
 
 

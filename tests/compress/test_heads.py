@@ -185,3 +185,22 @@ def test_bert_heads_cannot_be_written_to_its_config(tmp_path):
     assert compressed.compress_report.scorer == "activation"
     with pytest.raises(InputError, match="derives the head size"):
         compressed.save_pretrained(tmp_path)
+
+
+def test_greedy_loss_scores_rank_the_chosen_heads_first_in_order():
+    model = _deep_llama(layers=2)
+    opt = fxfuse.optimize(model, example_kwargs=_token_data(1)[0], backend="eager")
+    found = find_heads(opt.graph_module)
+    data = [{**b, **opt.fixed_kwargs} for b in _token_data(2)]
+    judge = Judge(opt.graph_module, data)
+    single = head_scores(opt.graph_module, found, data, "loss", judge)
+    one = head_scores(opt.graph_module, found, data, "greedy", judge, greedy=1)
+    flat = [(float(s[i]), n, i) for n, s in single.items() for i in range(len(s))]
+    _, name, head = min(flat)
+    assert float(one[name][head]) < min(v for v, _, _ in flat)  # the one-shot argmin is chosen first
+    for n, s in single.items():  # every other head keeps its one-shot loss
+        others = [i for i in range(len(s)) if (n, i) != (name, head)]
+        torch.testing.assert_close(one[n][others], s[others])
+    two = head_scores(opt.graph_module, found, data, "greedy", judge, greedy=2)
+    ranked = sorted((float(s[i]), n, i) for n, s in two.items() for i in range(len(s)))
+    assert (ranked[0][1], ranked[0][2]) == (name, head) and ranked[1][0] == ranked[0][0] + 1
