@@ -200,18 +200,26 @@ def compress(
         notes: list[str] = []
         if repair:
             trial, notes = _repair(original, trial, order, removed | set(best), set(best), cal, ridge)
-        quality = judge.measure(trial)
-        step = Step(removed=best, score=scores[best], quality=quality, quality_loss=quality.loss_against(judge.original),
-                    parameters=parameter_count(trial), kv_bytes_per_token=kv_bytes_per_token(trial), repairs=notes,
-                    seconds=time.perf_counter() - start)
-        report.steps.append(step)
-        if max_quality_loss is not None and step.quality_loss > max_quality_loss:
-            step.accepted = False
+        step = _step(report, judge, trial, best, scores[best], notes, start, max_quality_loss)
+        if not step.accepted:
             report.notes.append(f"the budget ({max_quality_loss:g}) allowed {len(report.accepted)} of the {count} "
                                 f"{unit} asked for: removing {'+'.join(best)} would lose {step.quality_loss:.4g}")
             break
         current, removed = trial, removed | set(best)
     return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
+
+
+def _step(report: CompressReport, judge: Judge, trial: fx.GraphModule, removed: tuple[str, ...], score: float,
+          notes: list[str], start: float, budget: Optional[float]) -> Step:
+    """Measure ``trial`` on the held-out batches and record it as the report's next step, refused when its
+    quality loss is over ``budget``."""
+    quality = judge.measure(trial)
+    step = Step(removed=removed, score=score, quality=quality, quality_loss=quality.loss_against(judge.original),
+                parameters=parameter_count(trial), kv_bytes_per_token=kv_bytes_per_token(trial), repairs=notes,
+                seconds=time.perf_counter() - start)
+    step.accepted = budget is None or step.quality_loss <= budget
+    report.steps.append(step)
+    return step
 
 
 def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, scorer: Optional[str], repair: bool,
@@ -245,14 +253,9 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, score
         gone = {h.name: sorted(set(range(h.q_heads)) - set(keep[h.name])) for h in found}
         removed = sum(len(idx) for idx in gone.values())
         removed_scores = [float(scores[n][i]) for n, idx in gone.items() for i in idx]
-        quality = judge.measure(trial)
-        step = Step(removed=tuple(f"{n}-{idx}" for n, idx in gone.items() if idx),
-                    score=sum(removed_scores) / len(removed_scores), quality=quality,
-                    quality_loss=quality.loss_against(judge.original), parameters=parameter_count(trial),
-                    kv_bytes_per_token=kv_bytes_per_token(trial), repairs=notes, seconds=time.perf_counter() - start)
-        report.steps.append(step)
-        if budget is not None and step.quality_loss > budget:
-            step.accepted = False
+        step = _step(report, judge, trial, tuple(f"{n}-{idx}" for n, idx in gone.items() if idx),
+                     sum(removed_scores) / len(removed_scores), notes, start, budget)
+        if not step.accepted:
             report.notes.append(f"the budget ({budget:g}) allowed {accepted} of the {count} query heads asked for: "
                                 f"removing {removed} would lose {step.quality_loss:.4g}")
             break
