@@ -36,6 +36,7 @@ from benchmarks.cpu_latency import smollm2, smollm2_tokenizer  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from fxfuse.compress import batches, drop_branches, find_branches, find_layers  # noqa: E402
 from fxfuse.compress.calibrate import stream_statistics  # noqa: E402
+from fxfuse.compress.heads import find_heads  # noqa: E402
 from fxfuse.compress.quality import Judge  # noqa: E402
 from fxfuse.compress.structure import tag_branches  # noqa: E402
 
@@ -68,8 +69,12 @@ def main() -> None:
     parser.add_argument("--attention", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 layer, 2 sublayers, fewer tokens")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compress.md"))
+    parser.add_argument("--heads", default="", help="fractions of query heads (e.g. 0.1,0.2,0.3): head rows only, "
+                        "written to results/compress-heads-smollm2.md")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    results = Path(__file__).parent / "results"
+    args.out = args.out or str(results / ("compress-heads-smollm2.md" if args.heads else "compress.md"))
     torch.set_num_threads(args.threads)
     if args.quick:
         args.layers, args.attention = 1, 2
@@ -85,6 +90,9 @@ def main() -> None:
     fixed = optimized.fixed_kwargs
     judge = Judge(optimized.graph_module, [{**b, **fixed} for b in held])
     cal_fixed = [{**b, **fixed} for b in cal]
+    if args.heads:
+        heads_rows(optimized, model, cal, held, judge, tokenizer, held_texts, args, start)
+        return
     sections, speed_lines, checkpoint_line = [], [], "not taken"
     for unit, k, peer in (("layers", args.layers, "ShortGPT"), ("attention_sublayers", args.attention, "LLM-Drop")):
         table: dict[str, list[float]] = {}
@@ -105,7 +113,8 @@ def main() -> None:
                 table[f"fxfuse {scorer} scorer, {'with' if repair else 'no'} repair"] = [s.quality.value for s in steps]
                 details.append(str(compressed.compress_report))
                 if scorer == "loss" and repair:
-                    speed_lines.append(prefill_speed(optimized, compressed, tokenizer, held_texts, unit))
+                    speed_lines.append(f"{unit}, {len(compressed.compress_report.accepted)} removed (fxfuse loss + "
+                                       f"repair), {prefill_speed(optimized, compressed, tokenizer, held_texts)}")
                     if unit == "layers":
                         checkpoint_line = reload_check(compressed, held[0])
                 print(f"{unit}: {scorer} repair={repair} in {time.perf_counter() - t:.0f} s", flush=True)
@@ -129,8 +138,49 @@ def main() -> None:
     print(Path(args.out).read_text())
 
 
-def prefill_speed(optimized: Any, compressed: Any, tokenizer: Any, texts: list[str], unit: str,
-                  rounds: int = 10) -> str:
+def heads_rows(optimized: Any, model: Any, cal: list, held: list, judge: Judge, tokenizer: Any,
+               held_texts: list[str], args: argparse.Namespace, start: float) -> None:
+    """Query heads pruned at each fraction, by the gradient and activation scorers, with and without the refit;
+    a third of them (one per KV group in every layer) by gradient + refit, the same per layer, saved, reloaded
+    and timed."""
+    lines = [
+        "# Attention-head pruning: SmolLM2-135M-Instruct (270 query heads, 90 KV heads: groups of 3)",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d')}; command: `python benchmarks/compress.py --heads {args.heads}`",
+        f"- machine: {cpu_name()}, {platform.machine()}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {args.threads} threads",
+        f"- data as in compress.md: calibration {len(cal)} batches of {tuple(cal[0]['input_ids'].shape)} tokens "
+        f"(scores and refit), held-out {len(held)} batches of {tuple(held[0]['input_ids'].shape)}; original held-out "
+        f"perplexity **{judge.original.value:.2f}**. Grouped-query attention: heads go one per KV group at a time.",
+        "",
+        "| heads removed | scorer | refit | per layer | perplexity (rise) | parameters | compress s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    extra = []
+    total = sum(h.q_heads for h in find_heads(optimized.graph_module))
+    ways = [(float(f), scorer, repair, False) for f in args.heads.split(",")
+            for scorer, repair in (("activation", False), ("gradient", False), ("gradient", True))]
+    for fraction, scorer, repair, uniform in [*ways, (1 / 3, "gradient", True, True)]:
+        t = time.perf_counter()
+        source = model if uniform else optimized  # the transformers model where the result is saved
+        compressed = fxfuse.compress(source, cal, held_out=held, heads=fraction, scorer=scorer, repair=repair,
+                                     uniform=uniform, cache_dir="")
+        step = compressed.compress_report.steps[-1]
+        removed = total - sum(h.q_heads for h in find_heads(compressed.graph_module))
+        lines.append(f"| {removed} ({fraction:.0%}) | {scorer} | {'yes' if repair else 'no'} | "
+                     f"{'same' if uniform else 'chosen'} | {step.quality.value:.2f} ({step.quality_loss:+.1%}) | "
+                     f"{step.parameters:,} | {time.perf_counter() - t:.0f} |")
+        print(lines[-1], flush=True)
+        if uniform:
+            extra.append(f"- {removed} heads, gradient + refit, same per layer: "
+                         f"{prefill_speed(optimized, compressed, tokenizer, held_texts)}; "
+                         f"{reload_check(compressed, held[0], 'gradient + refit')}")
+    lines += ["", *extra, f"- total {time.perf_counter() - start:.0f} s"]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(Path(args.out).read_text())
+
+
+def prefill_speed(optimized: Any, compressed: Any, tokenizer: Any, texts: list[str], rounds: int = 10) -> str:
     """Prefill latency at 1 × 512 of the fused original and the fused compressed model, interleaved rounds."""
     batch = {**batches((tokenizer, texts), seq_len=512, batch_size=1, max_batches=1)[0]}
     times: dict[str, list[float]] = {"original": [], "compressed": []}
@@ -143,13 +193,11 @@ def prefill_speed(optimized: Any, compressed: Any, tokenizer: Any, texts: list[s
                 module(**batch)
                 times[name].append(time.perf_counter() - start)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    removed = len(compressed.compress_report.accepted)
-    return (f"{unit}, {removed} removed (fxfuse loss + repair), fused, prefill 1×512: {ms['compressed']:.0f} ms vs "
-            f"{ms['original']:.0f} ms unpruned fused ({ms['compressed'] / ms['original']:.2f}×; medians of {rounds} "
-            f"interleaved rounds)")
+    return (f"fused, prefill 1×512: {ms['compressed']:.0f} ms vs {ms['original']:.0f} ms unpruned fused "
+            f"({ms['compressed'] / ms['original']:.2f}×; medians of {rounds} interleaved rounds)")
 
 
-def reload_check(compressed: Any, batch: dict) -> str:
+def reload_check(compressed: Any, batch: dict, way: str = "loss + repair") -> str:
     """Save the compressed model, reload it with transformers, and compare their logits on ``batch``."""
     import tempfile
 
@@ -159,7 +207,8 @@ def reload_check(compressed: Any, batch: dict) -> str:
         with torch.no_grad():
             ours, theirs = compressed(**batch).logits, reloaded(**batch).logits
     error = float((ours - theirs).abs().max() / ours.abs().max())
-    return (f"`save_pretrained` of the fxfuse loss + repair result ({reloaded.config.num_hidden_layers} layers) "
+    return (f"`save_pretrained` of the fxfuse {way} result ({reloaded.config.num_hidden_layers} layers, "
+            f"{reloaded.config.num_attention_heads} query heads) "
             f"reloads with `AutoModelForCausalLM.from_pretrained`; max relative logit difference {error:.1e}")
 
 

@@ -422,15 +422,20 @@ def removal_units(heads: Heads, scores: Tensor) -> list[tuple[float, list[int]]]
 def choose_heads(found: list[Heads], scores: dict[str, Tensor], count: int,
                  uniform: bool = False) -> dict[str, list[int]]:
     """Query heads to keep per op so that at least ``count`` are removed, lowest scores first;
-    ``uniform``: the same number from every op (what a config with one head count can express)."""
+    ``uniform``: the same number from every op (what a config with one head count can express), the
+    multiple of one unit per op nearest to ``count``."""
     units = {h.name: removal_units(h, scores[h.name]) for h in found}
     taken = dict.fromkeys(units, 0)
     removed = 0
-    if uniform:
-        while removed < count and all(taken[n] < len(u) for n, u in units.items()):
-            for name in units:
-                removed += len(units[name][taken[name]][1])
-                taken[name] += 1
+    if uniform:  # whole rounds of one unit from every op: the number of rounds nearest to ``count``
+        per_round = sum(len(u[0][1]) for u in units.values() if u)
+        rounds = round(count / per_round) if per_round else 0
+        if rounds == 0 or any(len(u) < rounds for u in units.values()):
+            raise InputError(f"uniform=True removes heads in rounds of {per_round} (one unit from every op); "
+                             f"{count} is not near a feasible number of rounds; ask for a multiple of {per_round}")
+        for name in units:
+            taken[name] = rounds
+            removed += sum(len(unit) for _, unit in units[name][:rounds])
     else:
         while removed < count:
             open_ops = [n for n in units if taken[n] < len(units[n])]
@@ -439,7 +444,7 @@ def choose_heads(found: list[Heads], scores: dict[str, Tensor], count: int,
             name = min(open_ops, key=lambda n: units[n][taken[n]][0])
             removed += len(units[name][taken[name]][1])
             taken[name] += 1
-    if removed < count:
+    if removed < count and not uniform:
         raise InputError(f"only {removed} query heads can be removed ({'the same number per op, ' if uniform else ''}"
                          f"keeping every op and group at least one), fewer than the {count} asked for")
     keep = {}

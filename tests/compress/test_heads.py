@@ -109,8 +109,10 @@ def test_silent_heads_score_zero_and_the_choice_removes_them_first():
         if scorer != "loss":  # (a loss can be negative: removing a head of a random model may help)
             # GQA: one head from each group per unit; the silent pair (one per group) goes first
             assert choose_heads(found, scores, 2) == {"heads[0]": [0, 1, 2, 3], "heads[1]": [0, 2]}
-    uniform = choose_heads(found, scores, 2, uniform=True)
+    uniform = choose_heads(found, scores, 4, uniform=True)
     assert [len(k) for k in uniform.values()] == [2, 2]
+    with pytest.raises(InputError, match="rounds of 4"):  # one head per KV group in every op is the smallest step
+        choose_heads(found, scores, 1, uniform=True)
     with pytest.raises(InputError, match="only 4 query heads can be removed"):
         choose_heads(found, scores, 5)
 
