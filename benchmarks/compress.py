@@ -159,7 +159,7 @@ def heads_rows(optimized: Any, model: Any, cal: list, held: list, judge: Judge, 
     extra = []
     total = sum(h.q_heads for h in find_heads(optimized.graph_module))
     ways = [(float(f), scorer, repair, False) for f in args.heads.split(",")
-            for scorer, repair in (("activation", False), ("gradient", False), ("gradient", True))]
+            for scorer, repair in (("activation", False), ("activation", True), ("gradient", False), ("gradient", True))]
     for fraction, scorer, repair, uniform in [*ways, (1 / 3, "gradient", True, True)]:
         t = time.perf_counter()
         source = model if uniform else optimized  # the transformers model where the result is saved
