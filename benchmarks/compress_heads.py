@@ -44,6 +44,7 @@ from benchmarks.compress import gensim_text  # noqa: E402
 from benchmarks.cpu_latency import minilm  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from fxfuse.compress.heads import find_heads  # noqa: E402
+from fxfuse.compress.quality import pooled  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "compress-heads.md"
 # (scorer, refit, same number per layer)
@@ -66,13 +67,8 @@ def encode(tok: Any, texts: list[str], batch: int = 16, max_length: int = 128) -
 
 def embed(model: Any, data: list[dict]) -> torch.Tensor:
     """Mean-pooled, L2-normalized sentence embeddings, as sentence-transformers computes them for this model."""
-    out = []
     with torch.no_grad():
-        for batch in data:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+        return torch.cat([F.normalize(pooled(model(**batch), batch).float(), dim=-1) for batch in data])
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,13 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from fxfuse.compress.calibrate import Batch, observe, token_mask
-from fxfuse.compress.quality import Judge
-from fxfuse.compress.repair import get_tensor, set_tensor, cross_validated_ridge, solve_ridge
+from fxfuse.compress.quality import Judge, is_language_model, token_nll
+from fxfuse.compress.repair import cross_validated_ridge, set_tensor, solve_ridge
+from fxfuse.compress.structure import linear_bias, linear_weight
 from fxfuse.errors import InputError
 from fxfuse.ir.dialect import OPS
 from fxfuse.ir.meta import attr_of, fake_mode_of, propagate
@@ -82,16 +82,6 @@ class Heads:
         return self.q_heads // self.kv_heads
 
 
-def _weight(linear: fx.Node) -> Optional[fx.Node]:
-    weight = linear.args[1] if len(linear.args) > 1 else None
-    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
-
-
-def _bias(linear: fx.Node) -> Optional[fx.Node]:
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    return bias if isinstance(bias, fx.Node) else None
-
-
 def _producer(attention: fx.Node, node: fx.Node, what: str) -> tuple[fx.Node, list[fx.Node]]:
     """The linear that computes ``node`` (an attention input) and the views between them."""
     views: list[fx.Node] = []
@@ -104,7 +94,7 @@ def _producer(attention: fx.Node, node: fx.Node, what: str) -> tuple[fx.Node, li
                 raise Unprunable(f"{attention.name}: the {what} view {n.name} has other readers")
             views.append(n)
             n = n.args[0]
-        elif n.op == "call_function" and n.target is aten.linear.default and _weight(n) is not None:
+        elif n.op == "call_function" and n.target is aten.linear.default and linear_weight(n) is not None:
             if len(n.users) != 1:
                 raise Unprunable(f"{attention.name}: the {what} projection {n.name} has other readers")
             return n, views
@@ -126,7 +116,7 @@ def _consumer(attention: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             views.append(user)
             n = user
         elif user.op == "call_function" and user.target is aten.linear.default and user.args[0] is n \
-                and _weight(user) is not None:
+                and linear_weight(user) is not None:
             return user, views
         else:
             raise Unprunable(f"{attention.name}: its output is read by {user.name} ({user.target}), "
@@ -189,7 +179,7 @@ def prune_heads(gm: fx.GraphModule, keep: dict[str, list[int]]) -> fx.GraphModul
         _slice_linear(work, heads.q, q_rows)
         _slice_linear(work, heads.k, kv_rows)
         _slice_linear(work, heads.v, v_rows)
-        weight = _weight(heads.out)
+        weight = linear_weight(heads.out)
         set_tensor(work, weight.target, attr_of(work, weight.target)[:, _blocks(kept, heads.v_dim)].contiguous())
         weight.meta.pop("val", None)
         _resize_views(heads.views["q"], heads.q_heads, len(kept), heads.head_dim)
@@ -207,7 +197,7 @@ def _blocks(indices: list[int], size: int) -> Tensor:
 
 
 def _slice_linear(gm: fx.GraphModule, linear: fx.Node, rows: Tensor) -> None:
-    for node in (_weight(linear), _bias(linear)):
+    for node in (linear_weight(linear), linear_bias(linear)):
         if node is None:
             continue
         if node.op != "get_attr":
@@ -263,12 +253,12 @@ def _loss_scores(gm: fx.GraphModule, heads: list[Heads], judge: Judge, greedy: i
     """Each head's exact-removal loss; with ``greedy`` = k, the first k removals are chosen one at a time,
     each measured with the heads chosen before it already removed, and get scores below every other."""
     trial = fx.GraphModule(gm, gm.graph)  # its own module tree over the same graph and tensors
-    weights = {h.name: attr_of(gm, _weight(h.out).target).detach().clone() for h in heads}
+    weights = {h.name: attr_of(gm, linear_weight(h.out).target).detach().clone() for h in heads}
     chosen: list[tuple[str, int]] = []
     losses: dict[tuple[str, int], float] = {}
     for _ in tqdm(range(max(greedy, 1)), desc="head removal losses", leave=False, disable=None):
         for h in heads:
-            target = _weight(h.out).target
+            target = linear_weight(h.out).target
             alive = [i for i in range(h.q_heads) if (h.name, i) not in chosen]
             for head in alive if len(alive) > 1 or not greedy else []:
                 silenced = weights[h.name].clone()
@@ -297,7 +287,7 @@ def _loss_scores(gm: fx.GraphModule, heads: list[Heads], judge: Judge, greedy: i
 def _activation_scores(gm: fx.GraphModule, heads: list[Heads], data: list[Batch]) -> dict[str, Tensor]:
     sums = {h.name: torch.zeros(h.q_heads, dtype=torch.float64) for h in heads}
     tokens = [0]
-    weights = {h.name: attr_of(gm, _weight(h.out).target).detach() for h in heads}
+    weights = {h.name: attr_of(gm, linear_weight(h.out).target).detach() for h in heads}
 
     def on_batch(_: int, values: dict[str, Tensor], batch: Batch) -> None:
         for h in heads:
@@ -331,20 +321,15 @@ def _gradient_scores(gm: fx.GraphModule, heads: list[Heads], data: list[Batch]) 
     rows = 0
     for batch in data:
         output = runner(**batch)
-        logits = getattr(output, "logits", None)
-        if logits is None or "input_ids" not in batch:
+        if not is_language_model(output, batch):
             raise InputError("the gradient head scorer needs a language model (logits and input_ids); "
                              "use scorer='activation'")
-        ids = batch["input_ids"]
-        keep = token_mask(batch, ids.unsqueeze(-1))
-        keep = (keep[:, 1:] & keep[:, :-1]).flatten()
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-        mean_loss = loss[keep].sum() / max(int(keep.sum()), 1)
         # autograd.grad, not backward(): only the gates' gradients, nothing accumulated on the weights
-        grads = torch.autograd.grad(mean_loss, [gates[h.name] for h in heads])
+        nll = token_nll(output, batch)
+        grads = torch.autograd.grad(nll.sum() / max(nll.numel(), 1), [gates[h.name] for h in heads])
         for h, grad in zip(heads, grads):
             sums[h.name] += grad.double().abs().sum(dim=(0, 2, 3))
-        rows += ids.shape[0]
+        rows += batch["input_ids"].shape[0]
     return {name: s / max(rows, 1) for name, s in sums.items()}
 
 
@@ -360,7 +345,7 @@ def refit_outputs(original: fx.GraphModule, pruned: fx.GraphModule, names: list[
     folds: dict[str, list[tuple[Tensor, Tensor, float]]] = {name: [] for name in names}
     linears = {}
     for name in names:
-        weight, bias = _weight(after[name].out), _bias(after[name].out)
+        weight, bias = linear_weight(after[name].out), linear_bias(after[name].out)
         linears[name] = (attr_of(pruned, weight.target).detach().double(),
                          attr_of(pruned, bias.target).detach().double() if bias is not None else None)
     for batch in data:
@@ -390,11 +375,11 @@ def refit_outputs(original: fx.GraphModule, pruned: fx.GraphModule, names: list[
             chosen = f"λ={chosen_ridge:g}, held-out error ×{gain:.3f}"
         delta = solve_ridge(sum(f[0] for f in folds[name]), sum(f[1] for f in folds[name]), chosen_ridge)
         weight, bias = linears[name]
-        target = _weight(after[name].out).target
-        set_tensor(pruned, target, (weight + delta[:weight.shape[1]].T).to(get_tensor(pruned, target).dtype))
+        target = linear_weight(after[name].out).target
+        set_tensor(pruned, target, (weight + delta[:weight.shape[1]].T).to(attr_of(pruned, target).dtype))
         if bias is not None:
-            bias_target = _bias(after[name].out).target
-            set_tensor(pruned, bias_target, (bias + delta[-1]).to(get_tensor(pruned, bias_target).dtype))
+            bias_target = linear_bias(after[name].out).target
+            set_tensor(pruned, bias_target, (bias + delta[-1]).to(attr_of(pruned, bias_target).dtype))
         notes.append(f"{name}: refit {target}{' and its bias' if bias is not None else ''} ({chosen})")
     return notes
 

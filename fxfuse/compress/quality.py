@@ -38,12 +38,18 @@ def is_language_model(output: Any, batch: Batch) -> bool:
     return _logits(output) is not None and isinstance(batch.get("input_ids"), Tensor)
 
 
-def next_token_nll(output: Any, batch: Batch) -> tuple[float, int]:
-    """(summed negative log-likelihood of each real next token, their count)."""
+def token_nll(output: Any, batch: Batch) -> Tensor:
+    """The negative log-likelihood (float64, differentiable) of each real next token, flattened."""
     logits, ids = _logits(output), batch["input_ids"]
     keep = token_mask(batch, ids.unsqueeze(-1))[:, 1:] & token_mask(batch, ids.unsqueeze(-1))[:, :-1]
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), ids[:, 1:].flatten(), reduction="none")
-    return float(nll[keep.flatten()].sum()), int(keep.sum())
+    return nll[keep.flatten()]
+
+
+def next_token_nll(output: Any, batch: Batch) -> tuple[float, int]:
+    """(summed negative log-likelihood of each real next token, their count)."""
+    nll = token_nll(output, batch)
+    return float(nll.sum()), nll.numel()
 
 
 def pooled(output: Any, batch: Batch) -> Tensor:

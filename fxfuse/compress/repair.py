@@ -30,7 +30,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxfuse.compress.calibrate import Batch, observe, token_mask
-from fxfuse.compress.structure import find_branches
+from fxfuse.compress.structure import find_branches, linear_bias, linear_weight
+from fxfuse.ir.meta import attr_of
 
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -51,7 +52,7 @@ def repair_gap(original: fx.GraphModule, current: fx.GraphModule, previous: str,
         return None, f"{previous} or {last_removed} is not a branch of the graph"
     projection = kept.projection
     if projection is None or projection.target is not torch.ops.aten.linear.default \
-            or projection.args[1].op != "get_attr":
+            or linear_weight(projection) is None:
         return None, f"{previous} does not end in a linear with a stored weight"
     if not all(_is_sum(b.stream) for b in original_branches[1:]):
         return None, f"the stream after {previous} is normalized (post-norm); a fit of the sum would not hold"
@@ -79,12 +80,11 @@ def repair_gap(original: fx.GraphModule, current: fx.GraphModule, previous: str,
     delta = solve_ridge(gram, cross, ridge)
     fit = torch.eye(delta.shape[0], dtype=torch.float64) + delta
 
-    weight_node = projection.args[1]
-    bias_node = projection.args[2] if len(projection.args) > 2 else projection.kwargs.get("bias")
-    weight = get_tensor(current, weight_node.target)
+    weight_node, bias_node = linear_weight(projection), linear_bias(projection)
+    weight = attr_of(current, weight_node.target)
     set_tensor(current, weight_node.target, (fit.T @ weight.double()).to(weight.dtype))
-    if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
-        bias = get_tensor(current, bias_node.target)
+    if bias_node is not None and bias_node.op == "get_attr":
+        bias = attr_of(current, bias_node.target)
         set_tensor(current, bias_node.target, (bias.double() @ fit).to(bias.dtype))
     return current, f"refit {weight_node.target} ({chosen})"
 
@@ -118,12 +118,6 @@ def cross_validated_ridge(folds: list[tuple[Tensor, Tensor, float]]) -> tuple[Op
 def _is_sum(node: fx.Node) -> bool:
     """A branch reads the residual sum itself (pre-norm), not a normalized sum (post-norm)."""
     return node.target is torch.ops.aten.add.Tensor or (node.target is operator.getitem and node.args[1] == 1)
-
-
-def get_tensor(gm: fx.GraphModule, target: str) -> Tensor:
-    """The tensor stored under the dotted ``target`` of ``gm``."""
-    owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
 
 
 def set_tensor(gm: fx.GraphModule, target: str, value: Tensor) -> None:

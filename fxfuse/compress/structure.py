@@ -36,6 +36,18 @@ BRANCH_TAG = "fxfuse_branch"
 _LINEARS = (torch.ops.aten.linear.default, torch.ops.aten.addmm.default)
 
 
+def linear_weight(linear: fx.Node) -> Optional[fx.Node]:
+    """The stored weight (a ``get_attr`` node) an ``aten.linear`` node reads, or None (computed or absent)."""
+    weight = linear.args[1] if len(linear.args) > 1 else None
+    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+
+
+def linear_bias(linear: fx.Node) -> Optional[fx.Node]:
+    """The bias node an ``aten.linear`` node reads, or None."""
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return bias if isinstance(bias, fx.Node) else None
+
+
 @dataclass
 class Branch:
     """One sublayer: ``add`` sums the residual ``stream`` and the branch's ``output``.
