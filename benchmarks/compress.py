@@ -116,7 +116,7 @@ def main() -> None:
                     speed_lines.append(f"{unit}, {len(compressed.compress_report.accepted)} removed (fxfuse loss + "
                                        f"repair), {prefill_speed(optimized, compressed, tokenizer, held_texts)}")
                     if unit == "layers":
-                        checkpoint_line = reload_check(compressed, held[0])
+                        checkpoint_line = reload_check(compressed, held[0], original=model)
                 print(f"{unit}: {scorer} repair={repair} in {time.perf_counter() - t:.0f} s", flush=True)
         sections.append(render(unit, k, judge.original.value, table, details))
     header = [
@@ -197,8 +197,9 @@ def prefill_speed(optimized: Any, compressed: Any, tokenizer: Any, texts: list[s
             f"({ms['compressed'] / ms['original']:.2f}×; medians of {rounds} interleaved rounds)")
 
 
-def reload_check(compressed: Any, batch: dict, way: str = "loss + repair") -> str:
-    """Save the compressed model, reload it with transformers, and compare their logits on ``batch``."""
+def reload_check(compressed: Any, batch: dict, way: str = "loss + repair", original: Any = None) -> str:
+    """Save the compressed model, reload it with transformers, and compare their logits on ``batch``; with
+    ``original`` (the transformers model it came from), also time decoding of both."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as directory:
@@ -207,9 +208,36 @@ def reload_check(compressed: Any, batch: dict, way: str = "loss + repair") -> st
         with torch.no_grad():
             ours, theirs = compressed(**batch).logits, reloaded(**batch).logits
     error = float((ours - theirs).abs().max() / ours.abs().max())
-    return (f"`save_pretrained` of the fxfuse {way} result ({reloaded.config.num_hidden_layers} layers, "
+    line = (f"`save_pretrained` of the fxfuse {way} result ({reloaded.config.num_hidden_layers} layers, "
             f"{reloaded.config.num_attention_heads} query heads) "
             f"reloads with `AutoModelForCausalLM.from_pretrained`; max relative logit difference {error:.1e}")
+    if original is not None:
+        line += "; " + decode_speed(original, reloaded, batch["input_ids"][:1, :64])
+    return line
+
+
+def decode_speed(original: Any, reloaded: Any, prompt: torch.Tensor, new_tokens: int = 32, rounds: int = 3) -> str:
+    """Greedy ``generate()`` tokens/s of the original and the reloaded compressed model, both compiled with
+    ``backend="fxfuse"`` and a static cache, interleaved rounds."""
+    import copy
+
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    cache_implementation="static", disable_compile=True)
+    models = {"original": copy.deepcopy(original), "compressed": reloaded}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model.forward = torch.compile(model.forward, backend="fxfuse")
+            model.generate(prompt, **settings)  # compiles prefill and decode graphs
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.generate(prompt, **settings)
+                times[name].append(time.perf_counter() - start)
+    rate = {k: new_tokens / statistics.median(v) for k, v in times.items()}
+    return (f"decode ({prompt.shape[1]} + {new_tokens} tokens, greedy, static cache, both compiled with "
+            f"backend=\"fxfuse\"): {rate['compressed']:.1f} vs {rate['original']:.1f} tokens/s unpruned "
+            f"({rate['compressed'] / rate['original']:.2f}×; medians of {rounds} interleaved rounds)")
 
 
 def render(unit: str, k: int, base: float, table: dict[str, list[float]], details: list[str]) -> str:

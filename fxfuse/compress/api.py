@@ -16,7 +16,7 @@ from fxfuse.codegen import lower
 from fxfuse.compress.calibrate import Batch, batches, stream_statistics
 from fxfuse.compress.checkpoint import save_pretrained
 from fxfuse.compress.drop import drop_branches
-from fxfuse.compress.heads import choose_heads, find_heads, head_scores, prune_heads, refit_outputs
+from fxfuse.compress.heads import check_tp_degree, choose_heads, find_heads, head_scores, prune_heads, refit_outputs
 from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
 from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
@@ -112,6 +112,7 @@ def compress(
     mlp_sublayers: int = 0,
     heads: float = 0,
     uniform: bool = False,
+    tp_degree: int = 1,
     scorer: Optional[Scorer] = None,
     repair: bool = True,
     ridge: Optional[float] = None,
@@ -141,7 +142,11 @@ def compress(
     ``score_batches`` batches; ``"greedy"``, the same re-measured after each
     removal, slower), removed lowest first (``uniform``: as many from every
     layer) and, with ``repair``, each pruned op's output projection is refitted
-    to its original output; with a budget they go in four increments.
+    to its original output; with a budget they go in four increments. With
+    ``tp_degree`` (the tensor-parallel degree the result will be sharded over),
+    every op keeps query and KV head counts divisible by it; a model that is
+    not divisible to begin with is refused. Layer and sublayer removal keep
+    every head count.
     Quality is perplexity for a language model (loss = relative rise) or the
     cosine of pooled outputs to the original's (loss = 1 - cosine). With
     ``max_quality_loss``, a step whose held-out loss would exceed it is refused
@@ -174,7 +179,7 @@ def compress(
     held = [{**b, **fixed} for b in held]
     original = optimized.graph_module
     if unit == "heads":
-        report, current = _compress_heads(original, heads, uniform, scorer, repair, ridge, cal, held,
+        report, current = _compress_heads(original, heads, uniform, tp_degree, scorer, repair, ridge, cal, held,
                                           max_quality_loss, score_batches)
         return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
     scorer = scorer or "loss"
@@ -222,11 +227,12 @@ def _step(report: CompressReport, judge: Judge, trial: fx.GraphModule, removed: 
     return step
 
 
-def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, scorer: Optional[str], repair: bool,
-                    ridge: Optional[float], cal: list[Batch], held: list[Batch],
+def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, tp_degree: int, scorer: Optional[str],
+                    repair: bool, ridge: Optional[float], cal: list[Batch], held: list[Batch],
                     budget: Optional[float], score_batches: int) -> tuple[CompressReport, fx.GraphModule]:
     """Score every query head once, then remove the lowest (in four increments under a budget)."""
     found = find_heads(original)
+    check_tp_degree(found, tp_degree)
     total = sum(h.q_heads for h in found)
     count = round(heads * total) if isinstance(heads, float) else heads
     if not 0 < count < total:
@@ -243,7 +249,7 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, score
     previous: Optional[dict[str, list[int]]] = None
     for target in increments:
         start = time.perf_counter()
-        keep = choose_heads(found, scores, target, uniform)
+        keep = choose_heads(found, scores, target, uniform, tp_degree)
         if keep == previous:  # removal units (one head per KV group) can cover two increments
             continue
         previous = keep

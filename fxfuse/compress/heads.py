@@ -384,17 +384,20 @@ def refit_outputs(original: fx.GraphModule, pruned: fx.GraphModule, names: list[
     return notes
 
 
-def removal_units(heads: Heads, scores: Tensor) -> list[tuple[float, list[int]]]:
+def removal_units(heads: Heads, scores: Tensor, tp_degree: int = 1) -> list[tuple[float, list[int]]]:
     """The op's removals in the order they should happen, each (mean score, query heads removed).
 
-    Multi-head attention removes one head at a time and keeps one;
-    grouped-query attention removes one head from every group at a time (its
-    lowest-scoring one), keeping the groups uniform and at least one head each.
+    Multi-head attention removes ``tp_degree`` heads at a time (one at a time
+    without tensor parallelism) and keeps as many; grouped-query attention
+    removes one head from every group at a time (its lowest-scoring one),
+    keeping the groups uniform and at least one head each, so the head count
+    stays a multiple of the KV-head count (and of ``tp_degree`` when that is).
     """
     normalized = scores.double()
     if heads.group == 1:
-        order = sorted(range(heads.q_heads), key=lambda h: float(normalized[h]))
-        return [(float(normalized[h]), [h]) for h in order[:-1]]
+        order = sorted(range(heads.q_heads), key=lambda h: float(normalized[h]))[:heads.q_heads - tp_degree]
+        chunks = [order[i:i + tp_degree] for i in range(0, len(order) - tp_degree + 1, tp_degree)]
+        return [(float(normalized[c].mean()), c) for c in chunks]
     ranked = [sorted(range(g * heads.group, (g + 1) * heads.group), key=lambda h: float(normalized[h]))
               for g in range(heads.kv_heads)]
     units = []
@@ -404,12 +407,24 @@ def removal_units(heads: Heads, scores: Tensor) -> list[tuple[float, list[int]]]
     return units
 
 
+def check_tp_degree(found: list[Heads], tp_degree: int) -> None:
+    """Refuse a tensor-parallel degree the graph's heads cannot be split into (query and KV heads per op)."""
+    if not isinstance(tp_degree, int) or tp_degree < 1:
+        raise InputError(f"tp_degree must be a positive whole number, got {tp_degree!r}")
+    for h in found:
+        if h.q_heads % tp_degree or h.kv_heads % tp_degree:
+            raise InputError(f"{h.name} has {h.q_heads} query and {h.kv_heads} key/value heads, which do not split "
+                             f"evenly over tp_degree={tp_degree}; the model itself cannot be sharded that way")
+
+
 def choose_heads(found: list[Heads], scores: dict[str, Tensor], count: int,
-                 uniform: bool = False) -> dict[str, list[int]]:
+                 uniform: bool = False, tp_degree: int = 1) -> dict[str, list[int]]:
     """Query heads to keep per op so that at least ``count`` are removed, lowest scores first;
     ``uniform``: the same number from every op (what a config with one head count can express), the
-    multiple of one unit per op nearest to ``count``."""
-    units = {h.name: removal_units(h, scores[h.name]) for h in found}
+    multiple of one unit per op nearest to ``count``; ``tp_degree``: every op keeps query and KV head
+    counts divisible by it (checked on the result too)."""
+    check_tp_degree(found, tp_degree)
+    units = {h.name: removal_units(h, scores[h.name], tp_degree) for h in found}
     taken = dict.fromkeys(units, 0)
     removed = 0
     if uniform:  # whole rounds of one unit from every op: the number of rounds nearest to ``count``
@@ -436,4 +451,7 @@ def choose_heads(found: list[Heads], scores: dict[str, Tensor], count: int,
     for h in found:
         gone = {i for _, unit in units[h.name][:taken[h.name]] for i in unit}
         keep[h.name] = [i for i in range(h.q_heads) if i not in gone]
+        if len(keep[h.name]) % tp_degree:
+            raise InputError(f"{h.name} would keep {len(keep[h.name])} query heads, not divisible by "
+                             f"tp_degree={tp_degree}")
     return keep

@@ -111,9 +111,9 @@ def _token_data(n, batch=4, seq=32, seed=0):
 
 
 def test_repair_solves_the_least_squares_fit_and_folds_it_into_the_projection():
-    """After the fold, the stream after the gap, Y + M·T, leaves a residual orthogonal to M (the normal
-    equations of the fit) on the calibration tokens; a fold of T instead of Tᵀ, or into the wrong weight,
-    leaves one as large as before."""
+    """After the refit, the stream after the gap, Y + z·(W + D)ᵀ, leaves a residual orthogonal to z, the
+    projection's input (the normal equations of the fit), on the calibration tokens; D transposed, or
+    written into the wrong weight, leaves one as large as before."""
     model = _deep_llama()
     cal = [{**b, "use_cache": False} for b in _token_data(8)]
     opt = fxfuse.optimize(model, example_kwargs=_token_data(1)[0], backend="eager")
@@ -127,16 +127,17 @@ def test_repair_solves_the_least_squares_fit_and_folds_it_into_the_projection():
     def read(module, name):
         branch = {b.name: b for b in find_branches(module.graph)}[name]
         out = []
-        observe(module, {"y": branch.stream, "f": branch.output}, cal, lambda i, v, b: out.append(v))
+        observe(module, {"y": branch.stream, "f": branch.output, "z": branch.projection.args[0]}, cal,
+                lambda i, v, b: out.append(v))
         return out
 
     target = [v["y"] + v["f"] for v in read(gm, "mlp[2]")]
     before, after = read(cut, "mlp[1]"), read(repaired, "mlp[1]")
-    m = torch.cat([v["f"].flatten(0, 1) for v in before]).double()
+    z = torch.cat([v["z"].flatten(0, 1) for v in before]).double()
 
     def normal_residual(values):
         r = torch.cat([(v["y"] + v["f"] - t).flatten(0, 1) for v, t in zip(values, target)]).double()
-        return float((m.T @ r).norm()), float(r.norm())
+        return float((z.T @ r).norm()), float(r.norm())
 
     (ortho_before, err_before), (ortho_after, err_after) = normal_residual(before), normal_residual(after)
     assert ortho_after < 1e-3 * ortho_before

@@ -117,6 +117,28 @@ def test_silent_heads_score_zero_and_the_choice_removes_them_first():
         choose_heads(found, scores, 5)
 
 
+def test_a_declared_tensor_parallel_degree_keeps_head_counts_divisible():
+    _, _, bert = _optimized("bert")  # multi-head: 4 heads per op
+    found = find_heads(bert.graph_module)
+    scores = {h.name: torch.tensor([0.4, 0.1, 0.3, 0.2]) + i for i, h in enumerate(found)}
+    assert choose_heads(found, scores, 1) == {"heads[0]": [0, 2, 3], "heads[1]": [0, 1, 2, 3]}
+    # two heads at a time, the two lowest of the cheapest op, so each of 2 ranks keeps one
+    assert choose_heads(found, scores, 1, tp_degree=2) == {"heads[0]": [0, 2], "heads[1]": [0, 1, 2, 3]}
+    assert [len(k) for k in choose_heads(found, scores, 3, tp_degree=2).values()] == [2, 2]
+    with pytest.raises(InputError, match="only 4 query heads can be removed"):  # each op keeps 2 (one per rank)
+        choose_heads(found, scores, 5, tp_degree=2)
+    with pytest.raises(InputError, match="do not split evenly over tp_degree=3"):
+        choose_heads(found, scores, 1, tp_degree=3)
+    with pytest.raises(InputError, match="positive whole number"):
+        choose_heads(found, scores, 1, tp_degree=0)
+    _, _, llama = _optimized("llama")  # 4 query heads over 2 KV heads: divisible by 2, not by 4
+    found = find_heads(llama.graph_module)
+    scores = {h.name: torch.arange(4.0) for h in found}
+    assert [len(k) for k in choose_heads(found, scores, 2, tp_degree=2).values()] == [2, 4]
+    with pytest.raises(InputError, match="2 key/value heads"):
+        choose_heads(found, scores, 2, tp_degree=4)
+
+
 def test_refit_reduces_the_output_projection_error_on_calibration_tokens():
     model = _deep_llama(layers=2)
     opt = fxfuse.optimize(model, example_kwargs=_token_data(1)[0], backend="eager")
@@ -160,6 +182,8 @@ def test_compress_heads_keeps_the_interface_and_reports_each_step():
         fxfuse.compress(model, cal, heads=0.25, scorer="similarity")
     with pytest.raises(InputError, match="a fraction below 1"):
         fxfuse.compress(model, cal, heads=1.5)
+    with pytest.raises(InputError, match="tp_degree=3"):  # the zoo model's heads do not split in three
+        fxfuse.compress(model, cal, held_out=held, heads=0.25, tp_degree=3)
 
 
 def test_uniformly_pruned_heads_save_a_checkpoint_that_reloads(tmp_path):
