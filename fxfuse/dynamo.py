@@ -10,7 +10,11 @@ backend
    ``optimize()`` (``aten.linear``, SDPA, softmax and SiLU not decomposed,
    nothing functionalized), with a fake value on every node and Dynamo's
    symbolic sizes, so one graph serves every size of a dynamic dim and any
-   guard a pass adds goes into Dynamo's guards;
+   guard a pass adds goes into Dynamo's guards. A graph with tensor-subclass
+   inputs (the DTensor parameters of a tensor-parallel model) is traced below
+   the subclass instead, on the inner tensors, without gradients: the local
+   computation of one rank, its communication as functional collectives that
+   every fused op stays on one side of (``docs/distributed.md``);
 2. runs the pass pipeline as ``optimize()`` does, each pass validated on the
    call's real inputs and on probes derived from them (padded masks, redrawn
    ids), with the inputs the graph writes to (a static KV cache) copied for
@@ -39,6 +43,8 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxfuse.codegen import lower as lower_program
 from fxfuse.codegen import triton_available
@@ -108,12 +114,14 @@ class Backend:
         aten_gm = to_aten(specialized)
         report.capture_seconds = time.perf_counter() - start
         inputs = Inputs(gm, example_inputs)
+        ranks = Ranks(example_inputs)
         cases: list[Probe] = []
         if self.validate:
-            reference = inputs.call(gm, inputs.real, {})
+            reference = inputs.call_dynamo(gm, inputs.real, {})
             outcome = compare(reference, inputs.call(aten_gm, inputs.real, {}))
-            if not outcome.ok:
-                raise RuntimeError(f"the ATen graph does not reproduce Dynamo's graph: {outcome.detail}")
+            if ranks.any(not outcome.ok):
+                where = outcome.detail if not outcome.ok else "on another rank"
+                raise RuntimeError(f"the ATen graph does not reproduce Dynamo's graph: {where}")
             cases = [Probe("the call's inputs", inputs.real, {}, reference), *inputs.probes(gm)]
         lowering = self._lowering(example_inputs)
         report.backend = lowering
@@ -121,13 +129,18 @@ class Backend:
         # fault (validating after each, on a fresh graph) only when it fails.
         manager = PassManager(self.pipeline, validate=False, on_failure="skip")
         report.passes = manager.run(aten_gm)
-        program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, report)
+        program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, ranks, report)
+        if ranks.together and ranks.any(failure is not None):
+            # Finding the pass at fault runs the graph, and its collectives, a number of times that depends on
+            # the verdicts: no rank looks for it, so that every rank runs the same collectives.
+            raise RuntimeError(f"the fused graph failed validation ({failure or 'on another rank'}); a graph "
+                               "with collectives is not searched pass by pass")
         if failure is not None and validate_on(aten_gm, cases, PassResult("fused graph"), inputs.call) is not None:
             aten_gm = to_aten(specialized)
             manager = PassManager(self.pipeline, validate=True, on_failure="skip", call=inputs.call)
             report.passes = manager.run(aten_gm, (cases[0].args, cases[0].kwargs), cases[0].reference,
                                         probes=cases[1:])
-            program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, report)
+            program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, ranks, report)
         report.ops = count_dialect_ops(aten_gm)
         if failure is not None:  # the fused graph is right; its lowering is not
             checked = PassResult(f"codegen-{lowering}", skipped=True, error=failure)
@@ -139,21 +152,22 @@ class Backend:
             if unproven is not None:  # nothing fused is proven right: run Dynamo's graph as it is
                 raise RuntimeError(f"the fused graph {unproven[1]}")
             report.max_error, report.validated_on = checked.max_error, checked.validated_on
+        program = OnInnerTensors(program)
         return (FloatGuard(program, gm.forward, floats, report.model) if floats else program), aten_gm
 
     @staticmethod
     def _lower(gm: fx.GraphModule, lowering: str, example_inputs: list[Any], cases: list[Probe], inputs: Inputs,
-               report: Report) -> tuple[Callable, str | None]:
+               ranks: Ranks, report: Report) -> tuple[Callable, str | None]:
         """The lowered program of ``gm`` and, when it differs from the reference on a case, why."""
         if lowering == "inductor":
-            program = compile_with_inductor(gm, example_inputs)
+            program = compile_with_inductor(gm, flatten_subclasses(example_inputs))
         else:
             program = lower_program(gm, lowering)
             report.lowered = program.lowered
         if not cases:
             return program, None
         checked = PassResult(f"codegen-{lowering}")
-        failure = validate_on(program, cases, checked, inputs.call)
+        failure = ranks.validate(program, cases, checked, inputs.call)
         report.max_error, report.validated_on = checked.max_error, checked.validated_on
         return program, None if failure is None else failure[1]
 
@@ -201,8 +215,51 @@ def to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     mode = next((x.fake_mode for x in fakes if isinstance(x, FakeTensor)), None)
     if mode is None:
         raise RuntimeError("Dynamo's graph carries no fake values (example_value) to trace it with")
+    if not any(is_traceable_wrapper_subclass(x) for x in fakes):
+        with mode:
+            return make_fx(gm, pre_dispatch=True)(*fakes)
+    # Tensor subclass inputs (DTensor parameters of a tensor-parallel model) cannot be traced before dispatch:
+    # trace below them, as AOTAutograd does, on their inner tensors. The subclass's own dispatch then spells
+    # out the local computation, and its communication as functional collectives (all_reduce, wait_tensor).
+    if torch.is_grad_enabled() and any(is_traceable_wrapper_subclass(x) and x.requires_grad for x in fakes):
+        raise RuntimeError("a graph whose tensor-subclass (DTensor) inputs need gradients is not traced below the "
+                           "subclass: its collectives would have no gradient formula there")
+
+    def on_inner_tensors(*inner: torch.Tensor) -> Any:
+        outputs = gm(*unflatten_subclasses(fakes, inner))
+        if any(is_traceable_wrapper_subclass(x) for x in pytree.tree_leaves(outputs)):
+            raise RuntimeError("the graph returns a tensor subclass (a DTensor); only plain tensor outputs are "
+                               "traced below the subclass")
+        return outputs
+
     with mode:
-        return make_fx(gm, pre_dispatch=True)(*fakes)
+        return make_fx(on_inner_tensors)(*flatten_subclasses(fakes))
+
+
+def flatten_subclasses(values: Sequence[Any]) -> list[Any]:
+    """``values`` with each traceable tensor subclass (a DTensor) replaced by its inner tensors, in order."""
+    flat: list[Any] = []
+    for x in values:
+        if is_traceable_wrapper_subclass(x):
+            attrs, _ = x.__tensor_flatten__()
+            flat.extend(flatten_subclasses([getattr(x, attr) for attr in attrs]))
+        else:
+            flat.append(x)
+    return flat
+
+
+def unflatten_subclasses(like: Sequence[Any], flat: Sequence[Any]) -> list[Any]:
+    """The inverse of :func:`flatten_subclasses`: ``flat``'s tensors rewrapped as the subclasses of ``like``."""
+    remaining = iter(flat)
+
+    def rebuild(x: Any) -> Any:
+        if not is_traceable_wrapper_subclass(x):
+            return next(remaining)
+        attrs, context = x.__tensor_flatten__()
+        inner = {attr: rebuild(getattr(x, attr)) for attr in attrs}
+        return type(x).__tensor_unflatten__(inner, context, x.size(), x.stride())
+
+    return [rebuild(x) for x in like]
 
 
 def specialize_floats(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[fx.GraphModule, dict[int, float]]:
@@ -250,13 +307,70 @@ class FloatGuard:
         return self.program(*args)
 
 
+class Ranks:
+    """The processes that run one graph and its collectives in lockstep: the device meshes of its DTensor inputs.
+
+    Validation runs the graph, so these ranks must run the same cases and take
+    every decision that depends on a verdict alike: ``validate`` runs every
+    case even after one fails, and ``any`` makes a verdict the same on all of them.
+    """
+
+    def __init__(self, example_inputs: Sequence[Any]) -> None:
+        dtensors = []
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            dtensors = [x for x in example_inputs if isinstance(x, DTensor)]
+        self.groups = list({id(g): g for x in dtensors for g in x.device_mesh.get_all_groups()}.values())
+        self.device = dtensors[0].device if dtensors else None
+
+    @property
+    def together(self) -> bool:
+        """True when the graph is run by several ranks at once."""
+        return bool(self.groups)
+
+    def validate(self, program: Callable, cases: Sequence[Probe], result: PassResult,
+                 call: Callable) -> tuple[type[Exception], str] | None:
+        """:func:`~fxfuse.passes.manager.validate_on`, which stops at the first failing case, except that ranks
+        running together run every case; the first failure, or None."""
+        if not self.together:
+            return validate_on(program, cases, result, call)
+        first, worst = None, 0.0
+        for case in cases:
+            failure = validate_on(program, [case], result, call)  # adds the case to result.validated_on if it passes
+            first, worst = first or failure, max(worst, result.max_error)
+        result.max_error = worst
+        return first
+
+    def any(self, failed: bool) -> bool:
+        """True if ``failed`` on any of the ranks (a collective over each group; ``failed`` alone without one)."""
+        if not self.groups:
+            return failed
+        flag = torch.tensor([float(failed)], device=self.device)
+        for group in self.groups:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+
+class OnInnerTensors:
+    """Calls an ATen program traced by :func:`to_aten` with Dynamo's arguments: tensor subclasses flattened."""
+
+    def __init__(self, program: Callable) -> None:
+        self.program = program
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.program(*flatten_subclasses(args), **kwargs)
+
+
 class Inputs:
     """The real inputs of one Dynamo graph, and how validation runs a program on them.
 
     Dynamo passes a backend the call's real tensors, and a symbolic int for
-    each dynamic size; ``real`` has the hint of each instead. ``call`` runs a
-    program on a copy of every input the graph may write to (anything that is
-    not a parameter), under a fixed random seed.
+    each dynamic size; ``real`` has the hint of each instead. ``call`` runs an
+    ATen program (traced by :func:`to_aten`, so on the inner tensors of any
+    tensor-subclass input) and ``call_dynamo`` Dynamo's own graph, both on a
+    copy of every input the graph may write to (anything that is not a
+    parameter), under a fixed random seed.
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> None:
@@ -266,6 +380,10 @@ class Inputs:
 
     @staticmethod
     def call(program: Callable, args: tuple, kwargs: dict) -> Any:
+        return Inputs.call_dynamo(OnInnerTensors(program), args, kwargs)
+
+    @staticmethod
+    def call_dynamo(program: Callable, args: tuple, kwargs: dict) -> Any:
         copies = tuple(x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter) else x
                        for x in args)
         with torch.random.fork_rng(devices=[]):
@@ -284,7 +402,7 @@ class Inputs:
                 args[i] = x
             probe.args = tuple(args)
             with torch.no_grad():
-                probe.reference = self.call(gm, probe.args, {})
+                probe.reference = self.call_dynamo(gm, probe.args, {})
             probes.append(probe)
         return probes
 

@@ -97,6 +97,9 @@ def _hints(message: str) -> list[str]:
             "a dim that fxfuse made dynamic is fixed by the model; pass dynamic_shapes= with that "
             "dim set to None (static), or an example whose sizes are not 0 or 1"
         )
+    if "dtensor" in text:
+        hints.append("the model is sharded with DTensor (tensor parallelism), which torch.export does not take here; "
+                     "compile it with torch.compile(model, backend=\"fxfuse\") instead (docs/distributed.md)")
     hints.append("try other example inputs (batch and sequence sizes of at least 2)")
     hints.append("check that the model runs eagerly on these inputs: model(*example_args, **example_kwargs)")
     return hints

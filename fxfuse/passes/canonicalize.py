@@ -13,7 +13,10 @@ Rewrites, applied until none fires:
   keeps its name (it differs on rows that are all -inf);
 * drop full slices (``x[:, 0:]``) and ``expand`` to the same shape;
 * ``transpose``/``t`` → ``permute``; chains of permutes → one; identity → gone;
-* ``view`` → ``reshape``; ``reshape`` to the same shape → gone;
+* ``view`` and ``_unsafe_view`` → ``reshape``; ``reshape`` to the same shape → gone;
+* composites as the CPU dispatches them below autograd, their other outputs
+  unread: ``_scaled_dot_product_flash_attention_for_cpu(...)[0]`` →
+  ``scaled_dot_product_attention``, ``native_layer_norm(...)[0]`` → ``layer_norm``;
 * ``div`` by a constant → ``mul`` by its reciprocal; a 0-d tensor computed
   only from constants (``x / torch.sqrt(torch.tensor(d))``) counts as a constant.
 
@@ -24,6 +27,7 @@ keep them.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -91,18 +95,20 @@ def to_permute(node: fx.Node, b: Builder) -> fx.Node | None:
     return b.call(aten.permute.default, source, perm)
 
 
-_RESHAPES = (aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints)
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.flatten.using_ints)
 
 
 def to_reshape(node: fx.Node, b: Builder) -> fx.Node | None:
-    """view → reshape; a reshape of a reshape-like op reshapes its source; no-op reshapes go."""
+    """view (and ``_unsafe_view``, its spelling below autograd) → reshape; a reshape of a reshape-like op reshapes
+    its source; no-op reshapes go."""
     source = node.args[0]
     while isinstance(source, fx.Node) and source.target in _RESHAPES:
         source = source.args[0]
     src, out = tensor(source), tensor(node)
     if src is not None and out is not None and same_shape(src, out):
         return source
-    if node.target is aten.view.default or source is not node.args[0]:
+    if node.target is not aten.reshape.default or source is not node.args[0]:
         return b.call(aten.reshape.default, source, node.args[1])
     return None
 
@@ -246,8 +252,44 @@ _ALIAS_FREE: dict[object, Canon] = {
     aten.expand.default: noop_conversion,
     aten.view.default: to_reshape,
     aten.reshape.default: to_reshape,
+    aten._unsafe_view.default: to_reshape,
 }
+
+
+def _sdpa(flash: fx.Node, b: Builder) -> fx.Node:
+    q, k, v = flash.args[:3]
+    dropout_p = flash.args[3] if len(flash.args) > 3 else flash.kwargs.get("dropout_p", 0.0)
+    causal = flash.args[4] if len(flash.args) > 4 else flash.kwargs.get("is_causal", False)
+    return b.call(aten.scaled_dot_product_attention.default, q, k, v, flash.kwargs.get("attn_mask"), dropout_p,
+                  causal, scale=flash.kwargs.get("scale"))
+
+
+def _layer_norm(native: fx.Node, b: Builder) -> fx.Node:
+    return b.call(aten.layer_norm.default, *native.args, **native.kwargs)
+
+
+# Composites that a graph traced below autograd (through a tensor subclass such as DTensor) spells as the
+# multi-output op the CPU dispatches them to, by that op: how to write the composite back.
+_DISPATCHED = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: _sdpa,
+    aten.native_layer_norm.default: _layer_norm,
+}
+
+
+def dispatched_composite(node: fx.Node, b: Builder) -> fx.Node | None:
+    """``op(...)[0]`` for an op in ``_DISPATCHED`` whose other outputs are not read (logsumexp, mean, rstd) → the
+    composite it implements (``scaled_dot_product_attention``, ``layer_norm``)."""
+    source = node.args[0]
+    if not (isinstance(source, fx.Node) and source.target in _DISPATCHED and node.args[1] == 0
+            and all(user.args[1] == 0 or not user.users for user in source.users)):
+        return None
+    for unread in [user for user in source.users if user is not node and not user.users]:
+        node.graph.erase_node(unread)  # so that the op goes with ``node`` (DCE keeps it: it is tagged random)
+    return _DISPATCHED[source.target](source, b)
+
+
 _ALWAYS: dict[object, Canon] = {
+    operator.getitem: dispatched_composite,
     aten.transpose.int: to_permute,
     aten.t.default: to_permute,
     aten.permute.default: to_permute,

@@ -313,12 +313,26 @@ class _Lifter:
         t = tensor(node)
         if t is None or t.dim() != 3:
             return node  # lower ranks broadcast the same way in 3-D and 4-D
-        if node.target is aten.reshape.default and _is_unflatten0_shapes(t, tensor(node.args[0])) \
-                and tensor(node.args[0]).shape[1] == self.heads:
+        source = tensor(node.args[0]) if node.target is aten.reshape.default else None
+        if _is_unflatten0_shapes(t, source) and source.shape[1] == self.heads:
             return node.args[0]
+        # The 3-D operands of a matmul decomposed below autograd (a graph traced through DTensor): a batched
+        # transpose, and a reshape straight from repeat_kv's 5-D expand. Lifted through, so that the 4-D
+        # tensors (and the repeat_kv of grouped-query attention) show again.
+        if node.target is aten.permute.default and node.args[1][0] % 3 == 0:
+            return self._permute(self(node.args[0]), [0, 1, *(d % 3 + 1 for d in node.args[1][1:])])
+        if source is not None and source.dim() > 4:
+            return self.b.call(aten.reshape.default, node.args[0], [-1, self.heads, *t.shape[1:]])
         if size_is(t.shape[0], 1):
             return self.b.call(aten.unsqueeze.default, node, 0)
         return self.b.call(aten.unflatten.int, node, 0, [-1, self.heads])
+
+    def _permute(self, node: fx.Node, perm: list[int]) -> fx.Node:
+        """``node`` permuted by ``perm``, folded into ``node``'s own permute if it is one (canonical form)."""
+        if node.target is aten.permute.default:
+            inner = [d % 4 for d in node.args[1]]
+            node, perm = node.args[0], [inner[d] for d in perm]
+        return node if perm == [0, 1, 2, 3] else self.b.call(aten.permute.default, node, perm)
 
 
 def _peel_scale(node: fx.Node) -> tuple[fx.Node, float]:

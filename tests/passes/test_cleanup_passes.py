@@ -99,3 +99,25 @@ def test_in_place_ops_on_a_private_view_become_out_of_place_but_not_when_the_bas
     shared = captured(InPlaceThroughAView(True), x, m)
     assert PASSES["canonicalize"](shared).rewrites["functionalize_inplace"] == 0
     assert count(shared, aten.add_.Tensor) == 1
+
+
+def test_composites_dispatched_below_autograd_are_written_back():
+    """make_fx below autograd (as through DTensor) spells layer_norm as native_layer_norm and SDPA as the CPU's
+    flash kernel, each with outputs nobody reads; canonicalize writes the composites back."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    class Block(torch.nn.Module):
+        def forward(self, x, w, b):
+            y = F.layer_norm(x, (8,), w, b, 1e-5)
+            q = y.reshape(2, 3, 2, 4).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q).sum(1)
+
+    x, w, b = torch.randn(2, 3, 8), torch.randn(8), torch.randn(8)
+    gm = make_fx(Block(), tracing_mode="fake")(x, w, b)
+    assert count(gm, aten.native_layer_norm.default) == 1
+    assert count(gm, aten._scaled_dot_product_flash_attention_for_cpu.default) == 1
+    results = run_pipeline(gm, ["canonicalize", "dce"], x, w, b)
+    assert results[0].rewrites["dispatched_composite"] == 2
+    assert count(gm, aten.layer_norm.default) == 1 and count(gm, aten.native_layer_norm.default) == 0
+    assert count(gm, aten.scaled_dot_product_attention.default) == 1
+    assert count(gm, aten._scaled_dot_product_flash_attention_for_cpu.default) == 0

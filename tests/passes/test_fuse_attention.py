@@ -483,3 +483,25 @@ def test_probabilities_read_by_two_value_products_make_two_attentions():
     run_pipeline(gm, PIPELINE, *args)
     assert count(gm, ATTN) == 2 and count(gm, aten.softmax.int) == 0
     assert_same_outputs(model, gm, variant_inputs(b=3, sq=7, sk=7, seed=5))
+
+
+class SdpaGrouped(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask)
+
+
+@pytest.mark.parametrize("module,spelling", [(Eager(groups=2), aten.bmm.default),
+                                             (SdpaGrouped(), aten._scaled_dot_product_flash_attention_for_cpu.default)],
+                         ids=["eager", "sdpa"])
+def test_attention_traced_below_autograd_is_fused_with_its_kv_heads(module, spelling):
+    """The spelling of a graph traced through a tensor subclass (DTensor): matmul as expand, reshape, bmm and
+    _unsafe_view, SDPA as the CPU's flash kernel. One attention op on the two K/V heads, no repeat_kv left."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = inputs(groups=2)
+    gm = make_fx(module.eval(), tracing_mode="fake")(*args)
+    assert count(gm, spelling) >= 1
+    run_pipeline(gm, PIPELINE, *args)
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTN]
+    assert node.args[1].meta["val"].shape[1] == 2 and node.args[2].meta["val"].shape[1] == 2
+    assert count(gm, aten.expand.default) == 0 and count(gm, aten.bmm.default) == 0
