@@ -115,7 +115,7 @@ def _compress(args: argparse.Namespace) -> int:
         lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         return tokenizer, lines
 
-    units = {"layers": args.layers, "attention_sublayers": args.attention_sublayers}
+    units = {"layers": args.layers, "attention_sublayers": args.attention_sublayers, "params": args.params}
     try:
         compressed = compress(model, texts(args.calibration), held_out=texts(args.held_out) if args.held_out else None,
                               scorer=args.scorer, repair=not args.no_repair, max_quality_loss=args.max_quality_loss,
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calibration", required=True, help="a UTF-8 text file, one document per line")
     comp.add_argument("--held-out", help="another text file for held-out perplexity (default: part of --calibration)")
     comp.add_argument("--layers", type=int, default=0, help="whole layers to remove")
+    comp.add_argument("--params", type=float, help="instead of a count: remove whole layers until at most this "
+                      "fraction of the parameters is left (0.8 = 80%%)")
     comp.add_argument("--attention-sublayers", type=int, default=0,
                       help="attention sublayers to remove (not expressible in a transformers config: reported only)")
     comp.add_argument("--scorer", choices=["loss", "similarity"], default="loss")

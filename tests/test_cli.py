@@ -130,3 +130,6 @@ def test_compress_of_sublayers_explains_why_there_is_no_checkpoint(tmp_path, cap
     assert code == 1
     assert "Compress with layers=" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    code = main(["compress", str(tmp_path / "model"), "--params", "1.2",
+                 "--calibration", str(tmp_path / "cal.txt"), "-o", str(tmp_path / "out")])
+    assert code == 1 and "params= is the fraction of the original to keep" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from fxfuse.report import count_dialect_ops
 
 Scorer = Literal["loss", "similarity", "greedy", "gradient", "activation"]
 HEAD_SCORERS = ("loss", "greedy", "gradient", "activation")
+Unit = Literal["layers", "attention_sublayers", "mlp_sublayers"]
 
 
 @dataclass
@@ -111,6 +112,9 @@ def compress(
     attention_sublayers: int = 0,
     mlp_sublayers: int = 0,
     heads: float = 0,
+    params: Optional[float] = None,
+    kv_bytes: Optional[float] = None,
+    unit: Optional[Unit] = None,
     uniform: bool = False,
     tp_degree: int = 1,
     scorer: Optional[Scorer] = None,
@@ -122,7 +126,10 @@ def compress(
     cache_dir: Optional[str] = None,
 ) -> CompressedModule:
     """Remove ``layers`` whole layers, ``attention_sublayers`` / ``mlp_sublayers`` sublayers (one at a
-    time), or ``heads`` query heads (a fraction of all, or a count; :mod:`fxfuse.compress.heads`).
+    time), or ``heads`` query heads (a fraction of all, or a count; :mod:`fxfuse.compress.heads`);
+    or, instead of a count, remove until a size target is met: ``params`` (the fraction of the
+    parameters to keep at most) or ``kv_bytes`` (the fraction of KV-cache bytes per token), by
+    whole layers unless ``unit`` names another ("attention_sublayers"; "mlp_sublayers" for ``params``).
 
     ``calibration`` (input dicts, ``(tokenizer, texts)`` or a loader of dicts,
     see :func:`fxfuse.compress.calibrate.batches`) drives the scores and the
@@ -156,6 +163,12 @@ def compress(
     counts = {"layers": layers, "attention_sublayers": attention_sublayers, "mlp_sublayers": mlp_sublayers,
               "heads": heads}
     asked = {k: v for k, v in counts.items() if v}
+    target = _size_target(asked, params, kv_bytes, unit)
+    if target is not None:
+        asked = {target.unit: 0}
+    elif unit is not None:
+        raise InputError(f"unit= chooses what params= or kv_bytes= removes; with a count, name the unit itself "
+                         f"(e.g. attention_sublayers=2), got unit={unit!r}")
     bad_count = any(not isinstance(v, int) or v < 0 for k, v in counts.items() if k != "heads")
     bad_heads = not isinstance(heads, (int, float)) or heads < 0 or (isinstance(heads, float) and heads >= 1)
     if len(asked) != 1 or bad_count or bad_heads:
@@ -188,6 +201,8 @@ def compress(
     candidates = _candidates(unit, branches)
     if count > len(candidates):
         raise InputError(f"asked to remove {count} {unit}, but the graph has {len(candidates)}")
+    if target is not None:
+        count = len(candidates)  # as many as it takes: the loop stops when the target is met
 
     judge = Judge(original, held)
     scoring = Judge(original, cal[:score_batches]) if scorer == "loss" else None
@@ -197,6 +212,8 @@ def compress(
     order = [b.name for b in branches]
     current, removed = original, set()
     for _ in range(count):
+        if target is not None and target.met(current, original):
+            break
         start = time.perf_counter()
         remaining = [c for c in candidates if not set(c) & removed]
         scores = _score(scorer, current, remaining, scoring, cal, cache_dir)
@@ -207,10 +224,14 @@ def compress(
             trial, notes = _repair(original, trial, order, removed | set(best), set(best), cal, ridge)
         step = _step(report, judge, trial, best, scores[best], notes, start, max_quality_loss)
         if not step.accepted:
-            report.notes.append(f"the budget ({max_quality_loss:g}) allowed {len(report.accepted)} of the {count} "
-                                f"{unit} asked for: removing {'+'.join(best)} would lose {step.quality_loss:.4g}")
+            allowed = (f"{len(report.accepted)} {unit} toward {target}" if target is not None
+                       else f"{len(report.accepted)} of the {count} {unit} asked for")
+            report.notes.append(f"the budget ({max_quality_loss:g}) allowed {allowed}: removing {'+'.join(best)} "
+                                f"would lose {step.quality_loss:.4g}")
             break
         current, removed = trial, removed | set(best)
+    if target is not None and not target.met(current, original) and all(s.accepted for s in report.steps):
+        report.notes.append(f"{target} is not reached by removing {unit} alone: every one of them was removed")
     return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
 
 
@@ -267,6 +288,43 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, tp_de
             break
         current, accepted = trial, removed
     return report, current
+
+
+@dataclass(frozen=True)
+class SizeTarget:
+    """Remove ``unit``s until the model holds at most ``fraction`` of the original's ``measure``."""
+
+    measure: str  # "params" or "kv_bytes"
+    fraction: float
+    unit: str
+
+    def size(self, gm: fx.GraphModule) -> int:
+        return parameter_count(gm) if self.measure == "params" else kv_bytes_per_token(gm)
+
+    def met(self, current: fx.GraphModule, original: fx.GraphModule) -> bool:
+        return self.size(current) <= self.fraction * self.size(original)
+
+    def __str__(self) -> str:
+        return f"{self.measure}={self.fraction:g} (at most {self.fraction:.0%} of the original's)"
+
+
+def _size_target(asked: dict[str, float], params: Optional[float], kv_bytes: Optional[float],
+                 unit: Optional[str]) -> Optional[SizeTarget]:
+    """The size target asked for with ``params=`` or ``kv_bytes=``, checked; None when a count was given."""
+    given = {k: v for k, v in (("params", params), ("kv_bytes", kv_bytes)) if v is not None}
+    if not given:
+        return None
+    if len(given) > 1 or asked:
+        raise InputError(f"ask for a count (layers=, attention_sublayers=, mlp_sublayers=, heads=) or one size "
+                         f"target (params= or kv_bytes=), not several; got {asked or ''} {given}")
+    (measure, fraction), = given.items()
+    if not isinstance(fraction, float) or not 0 < fraction < 1:
+        raise InputError(f"{measure}= is the fraction of the original to keep at most, between 0 and 1; got {fraction!r}")
+    unit = unit or "layers"
+    allowed = ("layers", "attention_sublayers") + (("mlp_sublayers",) if measure == "params" else ())
+    if unit not in allowed:
+        raise InputError(f"{measure}= removes one of {allowed} (unit=), not {unit!r}")
+    return SizeTarget(measure, fraction, unit)
 
 
 def _candidates(unit: str, branches: list[Branch]) -> list[tuple[str, ...]]:

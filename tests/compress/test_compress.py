@@ -229,6 +229,32 @@ def test_compress_explains_bad_requests():
         fxfuse.compress(model, [torch.zeros(2, 3)], layers=1)
 
 
+def test_size_targets_remove_until_met_and_no_further():
+    model = _deep_llama()
+    cal, held = _token_data(3), _token_data(1, seed=1)
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    fraction = (total - 1.5 * per_layer) / total  # one layer is not enough, two are
+    compressed = fxfuse.compress(model, cal, held_out=held, params=fraction, scorer="similarity", cache_dir="")
+    report = compressed.compress_report
+    assert report.unit == "layers" and len(report.steps) == 2
+    assert report.steps[0].parameters > fraction * total >= report.steps[1].parameters
+    by_kv = fxfuse.compress(model, cal, held_out=held, kv_bytes=0.5, unit="attention_sublayers",
+                            scorer="similarity", cache_dir="")
+    steps = by_kv.compress_report.steps
+    assert [s.removed[0].split("[")[0] for s in steps] == ["attention", "attention"]  # a quarter of the KV each
+    assert steps[-1].kv_bytes_per_token == by_kv.compress_report.original_kv_bytes_per_token // 2
+    budgeted = fxfuse.compress(model, cal, held_out=held, params=fraction, scorer="similarity",
+                               max_quality_loss=0.0, cache_dir="")
+    assert "toward params=" in str(budgeted.compress_report)
+    for bad, match in [(dict(params=1.5), "between 0 and 1"), (dict(params=0.5, layers=1), "not several"),
+                       (dict(params=0.5, kv_bytes=0.5), "not several"),
+                       (dict(kv_bytes=0.5, unit="mlp_sublayers"), "removes one of"),
+                       (dict(layers=1, unit="layers"), "unit= chooses")]:
+        with pytest.raises(InputError, match=match):
+            fxfuse.compress(model, cal, held_out=held, **bad)
+
+
 class _WordTokenizer:
     """Splits on spaces; each word's id is its length (enough to check the cutting into rows)."""
 
