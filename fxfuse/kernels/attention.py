@@ -46,30 +46,133 @@ def _prefill_configs():
     # FlashAttention-2 tilings from the Triton tutorial and their Hopper retunes:
     # 128×64/128×128 blocks with 4-8 warps for head dims up to 128, smaller
     # blocks and fewer stages for 256 (the K/V tiles of 3-4 stages no longer
-    # fit in shared memory). Configs that do not fit are skipped by the tuner.
+    # fit in shared memory) with 8 warps to spread its 64×256 accumulator, and
+    # 16-row blocks for float32, whose exact ("ieee") dots run on the FMA units
+    # with both operands in registers. ``prune`` keeps what fits the launch.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in (
             (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 4),
             (64, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+            (64, 64, 8, 2), (64, 32, 8, 3), (16, 32, 4, 2), (16, 32, 8, 2),
         )
     ]
 
 
-def _prune_prefill(configs, named_args, **kwargs):
-    """Drop tiles too large for a head dim of 256 (registers for the fp32 accumulator)."""
-    d = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
-    kept = [c for c in configs if d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[-1:]
-
-
 def _decode_configs():
     # Decoding streams K and V once: key blocks of 32-128 rows with 4 warps;
-    # deeper pipelines (3-4 stages) keep more loads in flight per SM.
+    # deeper pipelines (3-4 stages) keep more loads in flight per SM; 8 warps
+    # on 32-key blocks for float32 at head dim 256.
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (32, 4, 4), (128, 8, 3), (64, 4, 2))
+        for bn, w, s in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (32, 4, 4), (128, 8, 3), (64, 4, 2), (32, 8, 2))
     ]
+
+
+# The resource model behind the pruning, calibrated on ahead-of-time compiles of every config
+# for sm_80 and sm_90 (benchmarks/gpu_readiness.py → benchmarks/results/gpu-readiness.md).
+# Shared memory holds the q tile and, per pipeline buffer, a K and a V tile (and a mask
+# tile): Hopper's pipeline (wgmma) keeps num_stages buffers; Ampere's (cp.async, mma.sync)
+# num_stages - 1, plus the p tile on its way to the second dot; 1 KB covers the cross-warp
+# reductions. Registers hold the fp32 accumulator and score tiles, one more score-sized tile
+# per modifier that reads or computes one (mask, ALiBi, sliding window) and, with mma.sync,
+# the q operand fragments: past 128 such 32-bit values per thread ptxas spills (128×64
+# blocks on 4 warps at head dim 128 need 256 and spill on both targets). float32 dots
+# ("ieee") run on the FMA units with the q, K and V tiles in registers as well; there the
+# compiles spill from about 80 values per thread.
+MAX_TILE_VALUES = 128
+MAX_TILE_VALUES_FMA = 64
+
+
+def shared_memory_estimate(block_m: int, block_n: int, block_d: int, block_dv: int, num_stages: int,
+                           elem_bytes: int, capability: int, mask: bool = False) -> int:
+    """Bytes of shared memory the generated kernel needs at most, on a device of ``capability`` (80, 90, ...)."""
+    buffers = num_stages if capability >= 90 else max(1, num_stages - 1)
+    per_buffer = block_n * (block_d + block_dv) * elem_bytes + (block_m * block_n * 2 if mask else 0)
+    shared = block_m * block_d * elem_bytes + buffers * per_buffer + 1024
+    if capability < 90:
+        shared += block_m * block_n * elem_bytes
+    return shared
+
+
+def tile_values_per_thread(block_m: int, block_n: int, block_d: int, block_dv: int, num_warps: int,
+                           elem_bytes: int, capability: int, score_tiles: int = 0) -> int:
+    """32-bit values per thread that one program's tiles keep in registers (compare with ``tile_value_limit``).
+
+    ``score_tiles``: extra BLOCK_M × BLOCK_N tiles the score modifiers keep live.
+    """
+    if elem_bytes == 4:
+        values = block_m * block_d + block_n * (block_d + block_dv) + block_m * (block_dv + block_n)
+    else:
+        values = block_m * (block_dv + block_n) + (block_m * block_d // 2 if capability < 90 else 0)
+    values += score_tiles * block_m * block_n
+    return values // (32 * num_warps)
+
+
+def tile_value_limit(elem_bytes: int) -> int:
+    """Tile values per thread past which ptxas spills: FMA dots for float32, tensor-core dots otherwise."""
+    return MAX_TILE_VALUES_FMA if elem_bytes == 4 else MAX_TILE_VALUES
+
+
+def prune_reason(config: triton.Config, *, block_d: int, block_dv: int, elem_bytes: int, capability: int,
+                 max_shared: int, block_m: int | None = None, mask: bool = False, score_tiles: int = 0) -> str | None:
+    """Why ``config`` should not be launched on this device (None: it fits).
+
+    ``block_m`` is the launcher's for decoding (packed rows), else the config's;
+    ``mask``: a mask tensor is read; ``score_tiles``: see :func:`tile_values_per_thread`.
+    Too much shared memory fails the launch (Triton raises OutOfResources);
+    spilled registers go through local memory on every key block.
+    """
+    bm = block_m if block_m is not None else config.kwargs["BLOCK_M"]
+    bn = config.kwargs["BLOCK_N"]
+    shared = shared_memory_estimate(bm, bn, block_d, block_dv, config.num_stages, elem_bytes, capability, mask)
+    if shared > max_shared:
+        return f"shared memory: {shared // 1024} KB > {max_shared // 1024} KB"
+    values = tile_values_per_thread(bm, bn, block_d, block_dv, config.num_warps, elem_bytes, capability,
+                                    score_tiles)
+    # with a score modifier the compiles already spill at the limit itself (its index tiles)
+    limit = tile_value_limit(elem_bytes) - (1 if score_tiles else 0)
+    if values > limit:
+        return f"registers: {values} tile values/thread > {limit}"
+    return None
+
+
+def prune(configs: list[triton.Config], named_args: dict, kwargs: dict, capability: int,
+          max_shared: int) -> tuple[list[triton.Config], list[str | None]]:
+    """(kept configs, the reason each config is dropped or None) for a launch on a device with these limits.
+
+    ``named_args`` and ``kwargs`` are what the autotuner's pruning hook receives. If no
+    config fits, one is kept so the launch still runs: the fewest tile values per
+    thread among those that fit in shared memory, else the least shared memory.
+    """
+    q, mask = named_args["Q"], named_args["Mask"] is not None
+    tiles = mask + (named_args["Slopes"] is not None) + (named_args["WINDOW"] != 0)
+    bd, bdv, elem, bm = kwargs["BLOCK_D"], kwargs["BLOCK_DV"], q.element_size(), kwargs.get("BLOCK_M")
+    reasons = [prune_reason(c, block_d=bd, block_dv=bdv, elem_bytes=elem, capability=capability,
+                            max_shared=max_shared, block_m=bm, mask=mask, score_tiles=tiles) for c in configs]
+    kept = [c for c, r in zip(configs, reasons) if r is None]
+    if not kept:
+        def cost(c):
+            m, n = bm or c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            shared = shared_memory_estimate(m, n, bd, bdv, c.num_stages, elem, capability, mask)
+            values = tile_values_per_thread(m, n, bd, bdv, c.num_warps, elem, capability, tiles)
+            return (shared > max_shared, values if shared <= max_shared else shared)
+        kept = [min(configs, key=cost)]
+    return kept, reasons
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(compute capability as 80/90/..., shared memory bytes one block may opt in to) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return props.major * 10 + props.minor, props.shared_memory_per_block_optin
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotune hook (prefill and decode): the configs that fit this launch on its device."""
+    q = named_args["Q"]
+    if q.device.type != "cuda":
+        return configs
+    return prune(configs, named_args, kwargs, *_device_limits(q.device))[0]
 
 
 # Under the interpreter: 16-row blocks, so small test shapes still cross several
@@ -88,8 +191,9 @@ def _launchers(variant: AttentionVariant):
     if hit is None:
         gen = compile_variant(variant)
         prefill = tuned(_prefill_configs(), _PREFILL_KEY, interpret=_INTERPRET_PREFILL,
-                        prune_configs_by={"early_config_prune": _prune_prefill})(gen.kernel)
-        decode = tuned(_decode_configs(), _DECODE_KEY, interpret=_INTERPRET_DECODE)(gen.kernel)
+                        prune_configs_by={"early_config_prune": _prune})(gen.kernel)
+        decode = tuned(_decode_configs(), _DECODE_KEY, interpret=_INTERPRET_DECODE,
+                       prune_configs_by={"early_config_prune": _prune})(gen.kernel)
         hit = _LAUNCHERS[variant] = (gen, prefill, decode)
     return hit
 
@@ -167,6 +271,20 @@ def get_kernel(variant: AttentionVariant) -> GeneratedKernel:
     return _launchers(variant)[0]
 
 
+def head_constexprs(dtype: torch.dtype, d: int, dv: int) -> dict:
+    """The constexprs a launch takes from the dtype and head dims (shared with the ahead-of-time check).
+
+    Head dims are padded to a power of two, at least 16 (a ``tl.dot`` operand's
+    minimum), with masked loads when the padding is not exact (EVEN_D False).
+    """
+    block_d, block_dv = max(16, next_pow2(d)), max(16, next_pow2(dv))
+    return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=block_d == d and block_dv == dv,
+                # float32 inputs: full-precision products (tf32 would miss the 1e-4 of float32)
+                INPUT_PRECISION="ieee" if dtype == torch.float32 else None,
+                # the CPU interpreter's tl.dot reads bfloat16 as integers: multiply in float32 there
+                UPCAST_DOT=INTERPRET and dtype == torch.bfloat16)
+
+
 def _default_splits(programs: int, sk: int, device: torch.device) -> int:
     want = PROGRAMS_PER_SM * num_sms(device)
     if programs >= want:
@@ -204,12 +322,8 @@ def _launch(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window, a
             mask = mask.view(torch.uint8)
         mstrides = mask.stride()
     group = Hq // Hkv
-    block_d, block_dv = max(16, next_pow2(D)), max(16, next_pow2(Dv))
-    common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=block_d == D and block_dv == Dv,
-                  # float32 inputs: full-precision products (tf32 would miss the 1e-4 of float32)
-                  INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-                  # the CPU interpreter's tl.dot reads bfloat16 as integers: multiply in float32 there
-                  UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16)
+    common = head_constexprs(q.dtype, D, Dv)
+    block_dv = common["BLOCK_DV"]
     packed = Sq * group <= MAX_PACKED_ROWS and Sq <= 16
     if packed:
         block_m = max(16, next_pow2(Sq * group))

@@ -38,12 +38,17 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep tiles of at most 32K elements (more spills registers) and enough warps for the row."""
+    """Keep tiles of at most 32K elements (more spills registers) and enough warps for the row.
+
+    Rows past 32K elements fit no config: keep the one with the fewest elements per
+    thread (ahead-of-time compiles show the first config, 4 rows × 64K on 4 warps,
+    spilling 50-90 KB per thread; benchmarks/results/gpu-readiness.md).
+    """
     block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_n <= 32768
             and c.num_warps * 32 <= max(64, c.kwargs["BLOCK_M"] * block_n // 2)
             and (block_n < 4096 or c.num_warps >= 8)]
-    return kept or configs[:1]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * block_n / c.num_warps)]
 
 
 @triton.jit
