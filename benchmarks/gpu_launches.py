@@ -186,7 +186,7 @@ def _elementwise_jobs(quick: bool, target: str, norms, rope, activations) -> lis
     """Norm, rope and activation jobs: every config at one size (norms: what the pruning keeps), each flag once."""
     jobs: list[Job] = []
     for fam in ("rms_norm", "layer_norm"):
-        for n in ((4096,) if quick else (768, 4096, 65536)):
+        for n in ((4096,) if quick else (768, 4096, norms.MAX_ROW)):
             configs = norms._configs()
             kept = norms._prune(configs, {}, BLOCK_N=_next_pow2(n))
             runs = kept[:1] if quick or n != 4096 else [c for c in configs if c in kept]

@@ -20,9 +20,10 @@ import triton.language as tl
 
 from fxfuse.kernels._config import bucket, check_device, check_float, forward_only, next_pow2, tuned
 
-# A whole row lives in registers: 64K elements is 256 KiB of fp32 per row, past
-# which a single-pass row kernel spills (Liger-Kernel caps its norms the same way).
-MAX_ROW = 65536
+# A whole row lives in registers. Compiled ahead of time for sm_80 and sm_90
+# (benchmarks/results/gpu-readiness.md), 32K-element rows fit (up to 255
+# registers a thread, no spills) and 64K-element rows spill on both targets.
+MAX_ROW = 32768
 
 
 def _configs():
@@ -40,9 +41,8 @@ def _configs():
 def _prune(configs, named_args, **kwargs):
     """Keep tiles of at most 32K elements (more spills registers) and enough warps for the row.
 
-    Rows past 32K elements fit no config: keep the one with the fewest elements per
-    thread (ahead-of-time compiles show the first config, 4 rows × 64K on 4 warps,
-    spilling 50-90 KB per thread; benchmarks/results/gpu-readiness.md).
+    A row past 32K elements is refused before launch (``supports``, ``MAX_ROW``); should
+    none fit anyway, the one with the fewest elements per thread is kept.
     """
     block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_n <= 32768

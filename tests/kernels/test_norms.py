@@ -93,6 +93,9 @@ def test_empty_and_errors():
         rms_norm(rand(2, 8), rand(4), 1e-6)
     with pytest.raises(TypeError, match="float64"):
         layer_norm(rand(2, 8, dtype=torch.float64), None, None, 1e-5)
+    # rows longer than 32K elements spill registers on A100/H100 (gpu-readiness.md): refused before launch
+    with pytest.raises(ValueError, match=r"row length 32769 \(1\.\.32768 supported\)"):
+        rms_norm(torch.empty(1, 32769, device=DEVICE), None, 1e-6)
 
 
 def test_backward_raises_clearly():
