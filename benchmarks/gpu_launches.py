@@ -76,7 +76,7 @@ def _variant(d: int, **flags) -> dict[str, Any]:
     return dict(scale=d ** -0.5, **flags)
 
 
-# One spelling of every score modifier the template generates, plus all of them at once.
+# One spelling of every score modifier the template generates, the pairs models use, and all at once.
 FLAG_VARIANTS = {
     "causal": dict(causal=True),
     "softcap": dict(softcap=50.0),
@@ -84,6 +84,8 @@ FLAG_VARIANTS = {
     "float mask": dict(mask="float"),
     "window": dict(window=True, causal=True),
     "alibi": dict(alibi=True),
+    "window + mask": dict(window=True, causal=True, mask="bool"),  # Mistral/Gemma with padding
+    "alibi + mask": dict(alibi=True, causal=True, mask="bool"),  # BLOOM/MPT with padding
     "all": dict(causal=True, softcap=50.0, mask="float", window=True, alibi=True),
 }
 
@@ -119,15 +121,16 @@ def plan(quick: bool = False, targets: Iterable[str] = tuple(TARGETS)) -> list[J
     float32 with the configs the pruning keeps at head dim 128 (the dropped ones listed
     with the reason) and the first kept one at the other head dims; the
     score modifiers (causal, softcap, bool mask, float mask, sliding window, ALiBi) each at
-    head dim 128 in float16, and all of them at once at every head dim in float16 and at
+    head dim 128 in float16, the pairs models use with a padding mask (sliding window +
+    mask, ALiBi + mask) likewise, and all of them at once at every head dim in float16 and at
     128 in bfloat16 and float32, with the first config the pruning keeps; unsplit decoding
     at every head dim in float16 and at 128 in every dtype; 128 packed rows (GQA 8 × 16
     tokens) with every decode config at head dim 128; prefill with one key/value head; the
     split reduction; every config of the elementwise kernels at one size and each of their
     flags and dtypes once. Quick: head dim 128, float16, the prefill configs the pruning
     keeps and the first it drops for registers, the deepest prefill pipeline at head dim
-    256 (which it must drop for shared memory), the first decode config kept and each
-    other kernel once.
+    256 (which it must drop for shared memory), the first decode config kept, the first
+    prefill config kept for sliding window + mask, and each other kernel once.
     """
     attention, norms, rope, activations = (_module(n) for n in ("attention", "norms", "rope", "activations"))
     prefill, decode = attention._prefill_configs(), attention._decode_configs()
@@ -150,6 +153,9 @@ def plan(quick: bool = False, targets: Iterable[str] = tuple(TARGETS)) -> list[J
             jobs += _attention_jobs("attn-decode", "base split-KV",
                                     dict(decode_shape(128, "float16"), variant=_variant(128)), decode, t,
                                     first_kept=True)
+            # two score modifiers (Mistral's window with a padding mask): the pruning's tightest rule
+            p = dict(prefill_shape(128, "float16"), variant=_variant(128, **FLAG_VARIANTS["window + mask"]))
+            jobs += _attention_jobs("attn-prefill", "window + mask", p, prefill, t, first_kept=True)
         else:
             for d in HEAD_DIMS:
                 for dtype in DTYPES:

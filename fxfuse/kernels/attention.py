@@ -54,7 +54,7 @@ def _prefill_configs():
         for bm, bn, w, s in (
             (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 4),
             (64, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
-            (64, 64, 8, 2), (64, 32, 8, 3), (16, 32, 4, 2), (16, 32, 8, 2),
+            (64, 64, 8, 2), (64, 32, 8, 3), (16, 32, 4, 2), (16, 32, 8, 2), (16, 16, 8, 2),
         )
     ]
 
@@ -65,7 +65,8 @@ def _decode_configs():
     # on 32-key blocks for float32 at head dim 256.
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (32, 4, 4), (128, 8, 3), (64, 4, 2), (32, 8, 2))
+        for bn, w, s in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (32, 4, 4), (128, 8, 3), (64, 4, 2), (32, 8, 2),
+                         (16, 8, 2))
     ]
 
 
@@ -82,6 +83,7 @@ def _decode_configs():
 # compiles spill from about 80 values per thread.
 MAX_TILE_VALUES = 128
 MAX_TILE_VALUES_FMA = 64
+EXTRA_TILE_VALUES = 48
 
 
 def shared_memory_estimate(block_m: int, block_n: int, block_d: int, block_dv: int, num_stages: int,
@@ -130,8 +132,11 @@ def prune_reason(config: triton.Config, *, block_d: int, block_dv: int, elem_byt
         return f"shared memory: {shared // 1024} KB > {max_shared // 1024} KB"
     values = tile_values_per_thread(bm, bn, block_d, block_dv, config.num_warps, elem_bytes, capability,
                                     score_tiles)
-    # with a score modifier the compiles already spill at the limit itself (its index tiles)
-    limit = tile_value_limit(elem_bytes) - (1 if score_tiles else 0)
+    # with a score modifier (its index tiles) or in the decode kernel (packed rows, split bookkeeping)
+    # the compiles already spill at the limit itself, and each further modifier takes more than its
+    # tile (index and predicate tiles): fitted on the compiles
+    at_limit = score_tiles > 0 or block_m is not None
+    limit = tile_value_limit(elem_bytes) - (1 if at_limit else 0) - EXTRA_TILE_VALUES * max(0, score_tiles - 1)
     if values > limit:
         return f"registers: {values} tile values/thread > {limit}"
     return None
