@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -39,6 +41,7 @@ class Step:
     quality_loss: float
     parameters: int
     kv_bytes_per_token: int
+    latency_ms: float
     repairs: list[str] = field(default_factory=list)
     accepted: bool = True
     seconds: float = 0.0
@@ -54,6 +57,7 @@ class CompressReport:
     original: Quality
     original_parameters: int
     original_kv_bytes_per_token: int
+    original_latency_ms: float
     budget: Optional[float]
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -63,13 +67,14 @@ class CompressReport:
         return [s for s in self.steps if s.accepted]
 
     def __str__(self) -> str:
-        rows = [("step", "removed", "score", "held-out", "loss", "params", "KV B/token", "repair", "")]
+        rows = [("step", "removed", "score", "held-out", "loss", "params", "KV B/token", "ms", "repair", "")]
         rows.append(("0", "-", "-", f"{self.original.value:.4g}", "-", f"{self.original_parameters:,}",
-                     f"{self.original_kv_bytes_per_token:,}", "-", ""))
+                     f"{self.original_kv_bytes_per_token:,}", f"{self.original_latency_ms:.3g}", "-", ""))
         for i, s in enumerate(self.steps, 1):
             rows.append((str(i), "+".join(s.removed), f"{s.score:.4g}", f"{s.quality.value:.4g}",
                          f"{s.quality_loss:+.2%}" if self.original.metric == "perplexity" else f"{s.quality_loss:.4f}",
-                         f"{s.parameters:,}", f"{s.kv_bytes_per_token:,}", "; ".join(s.repairs) or "-",
+                         f"{s.parameters:,}", f"{s.kv_bytes_per_token:,}", f"{s.latency_ms:.3g}",
+                         "; ".join(s.repairs) or "-",
                          "" if s.accepted else "REFUSED: over budget"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         budget = "none" if self.budget is None else f"{self.budget:g}"
@@ -77,6 +82,7 @@ class CompressReport:
                  f"quality = held-out {self.original.metric}, budget (max quality loss) {budget}"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines += [f"note: {n}" for n in self.notes]
+        lines.append("ms: one call on the first held-out batch, lowered for the back end (median of 3)")
         return "\n".join(lines)
 
 
@@ -191,9 +197,10 @@ def compress(
     cal = [{**b, **fixed} for b in cal]
     held = [{**b, **fixed} for b in held]
     original = optimized.graph_module
+    timer = Timer(held[0], optimized.report.backend)
     if unit == "heads":
         report, current = _compress_heads(original, heads, uniform, tp_degree, scorer, repair, ridge, cal, held,
-                                          max_quality_loss, score_batches)
+                                          max_quality_loss, score_batches, timer)
         return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
     scorer = scorer or "loss"
     branches = find_branches(original.graph)
@@ -208,7 +215,8 @@ def compress(
     scoring = Judge(original, cal[:score_batches]) if scorer == "loss" else None
     report = CompressReport(unit=unit, scorer=scorer, repair=repair, original=judge.original,
                             original_parameters=parameter_count(original),
-                            original_kv_bytes_per_token=kv_bytes_per_token(original), budget=max_quality_loss)
+                            original_kv_bytes_per_token=kv_bytes_per_token(original),
+                            original_latency_ms=timer(original), budget=max_quality_loss)
     order = [b.name for b in branches]
     current, removed = original, set()
     for _ in range(count):
@@ -222,7 +230,7 @@ def compress(
         notes: list[str] = []
         if repair:
             trial, notes = _repair(original, trial, order, removed | set(best), set(best), cal, ridge)
-        step = _step(report, judge, trial, best, scores[best], notes, start, max_quality_loss)
+        step = _step(report, judge, timer, trial, best, scores[best], notes, start, max_quality_loss)
         if not step.accepted:
             allowed = (f"{len(report.accepted)} {unit} toward {target}" if target is not None
                        else f"{len(report.accepted)} of the {count} {unit} asked for")
@@ -235,14 +243,15 @@ def compress(
     return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
 
 
-def _step(report: CompressReport, judge: Judge, trial: fx.GraphModule, removed: tuple[str, ...], score: float,
-          notes: list[str], start: float, budget: Optional[float]) -> Step:
-    """Measure ``trial`` on the held-out batches and record it as the report's next step, refused when its
-    quality loss is over ``budget``."""
+def _step(report: CompressReport, judge: Judge, timer: "Timer", trial: fx.GraphModule, removed: tuple[str, ...],
+          score: float, notes: list[str], start: float, budget: Optional[float]) -> Step:
+    """Measure ``trial`` on the held-out batches, and time it, and record it as the report's next step,
+    refused when its quality loss is over ``budget``."""
     quality = judge.measure(trial)
+    seconds = time.perf_counter() - start
     step = Step(removed=removed, score=score, quality=quality, quality_loss=quality.loss_against(judge.original),
-                parameters=parameter_count(trial), kv_bytes_per_token=kv_bytes_per_token(trial), repairs=notes,
-                seconds=time.perf_counter() - start)
+                parameters=parameter_count(trial), kv_bytes_per_token=kv_bytes_per_token(trial),
+                latency_ms=timer(trial), repairs=notes, seconds=seconds)
     step.accepted = budget is None or step.quality_loss <= budget
     report.steps.append(step)
     return step
@@ -250,7 +259,8 @@ def _step(report: CompressReport, judge: Judge, trial: fx.GraphModule, removed: 
 
 def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, tp_degree: int, scorer: Optional[str],
                     repair: bool, ridge: Optional[float], cal: list[Batch], held: list[Batch],
-                    budget: Optional[float], score_batches: int) -> tuple[CompressReport, fx.GraphModule]:
+                    budget: Optional[float], score_batches: int,
+                    timer: "Timer") -> tuple[CompressReport, fx.GraphModule]:
     """Score every query head once, then remove the lowest (in four increments under a budget)."""
     found = find_heads(original)
     check_tp_degree(found, tp_degree)
@@ -264,7 +274,8 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, tp_de
     scores = head_scores(original, found, cal, scorer, scoring, greedy=count if scorer == "greedy" else 0)
     report = CompressReport(unit="heads", scorer=scorer, repair=repair, original=judge.original,
                             original_parameters=parameter_count(original),
-                            original_kv_bytes_per_token=kv_bytes_per_token(original), budget=budget)
+                            original_kv_bytes_per_token=kv_bytes_per_token(original),
+                            original_latency_ms=timer(original), budget=budget)
     current, accepted = original, 0
     increments = [count] if budget is None else sorted({max(1, round(count * i / 4)) for i in range(1, 5)})
     previous: Optional[dict[str, list[int]]] = None
@@ -280,7 +291,7 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, tp_de
         gone = {h.name: sorted(set(range(h.q_heads)) - set(keep[h.name])) for h in found}
         removed = sum(len(idx) for idx in gone.values())
         removed_scores = [float(scores[n][i]) for n, idx in gone.items() for i in idx]
-        step = _step(report, judge, trial, tuple(f"{n}-{idx}" for n, idx in gone.items() if idx),
+        step = _step(report, judge, timer, trial, tuple(f"{n}-{idx}" for n, idx in gone.items() if idx),
                      sum(removed_scores) / len(removed_scores), notes, start, budget)
         if not step.accepted:
             report.notes.append(f"the budget ({budget:g}) allowed {accepted} of the {count} query heads asked for: "
@@ -364,6 +375,27 @@ def _finish(gm: fx.GraphModule, optimized: OptimizedModule) -> OptimizedModule:
     program = lower(gm, report.backend)
     report.lowered = dict(getattr(program, "lowered", {}))
     return OptimizedModule(gm, report, optimized.fixed_kwargs, program, optimized.static_dims)
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Latency of a graph as the compressed module will run it: lowered for ``backend``, called on ``batch``."""
+
+    batch: Batch
+    backend: str
+    rounds: int = 3
+
+    def __call__(self, gm: fx.GraphModule) -> float:
+        """Median milliseconds of one call, after a warm-up call."""
+        program = lower(gm, self.backend)
+        times = []
+        with torch.no_grad():
+            program(**self.batch)
+            for _ in range(self.rounds):
+                start = time.perf_counter()
+                program(**self.batch)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
 
 
 def parameter_count(gm: nn.Module) -> int:

@@ -194,6 +194,9 @@ def test_compress_removes_layers_and_keeps_the_model_interface():
     # The report's last held-out perplexity is that of the returned module (first batch checked here).
     assert abs(float(nll.exp()) / report.steps[-1].quality.value - 1) < 0.25
     assert "attention[" in str(report) and "perplexity" in str(report)
+    # each step is timed as it will run (lowered), next to the original
+    assert report.original_latency_ms > 0 and all(s.latency_ms > 0 for s in report.steps)
+    assert f"{report.steps[-1].latency_ms:.3g}" in str(report).splitlines()[-2]
 
 
 def test_the_budget_refuses_a_step_that_would_break_it():
