@@ -152,7 +152,8 @@ class Backend:
             if unproven is not None:  # nothing fused is proven right: run Dynamo's graph as it is
                 raise RuntimeError(f"the fused graph {unproven[1]}")
             report.max_error, report.validated_on = checked.max_error, checked.validated_on
-        program = OnInnerTensors(program)
+        if any(is_traceable_wrapper_subclass(x) for x in example_inputs):  # not on every plain call
+            program = OnInnerTensors(program)
         return (FloatGuard(program, gm.forward, floats, report.model) if floats else program), aten_gm
 
     @staticmethod
