@@ -445,8 +445,8 @@ def choose_heads(found: list[Heads], scores: dict[str, Tensor], count: int,
             removed += len(units[name][taken[name]][1])
             taken[name] += 1
     if removed < count and not uniform:
-        raise InputError(f"only {removed} query heads can be removed ({'the same number per op, ' if uniform else ''}"
-                         f"keeping every op and group at least one), fewer than the {count} asked for")
+        raise InputError(f"only {removed} query heads can be removed (keeping every op and group at least one), "
+                         f"fewer than the {count} asked for")
     keep = {}
     for h in found:
         gone = {i for _, unit in units[h.name][:taken[h.name]] for i in unit}
