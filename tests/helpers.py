@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
 import torch
 import torch.fx as fx
 
@@ -30,3 +36,13 @@ def run_pipeline(gm: fx.GraphModule, names: list[str], *args: torch.Tensor):
 def count(gm: fx.GraphModule, target) -> int:
     """How many nodes of ``gm`` call ``target`` (an op overload)."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def benchmark_script(file: str, module_name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<file>`` imported as ``module_name``, for a fixture to ``yield from``; unregistered after."""
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / "benchmarks" / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

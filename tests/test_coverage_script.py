@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import benchmark_script
 from tests.zoo.models import ZOO
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py"
 
 
 @pytest.fixture(scope="module")
 def coverage():
-    spec = importlib.util.spec_from_file_location("coverage_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_script("coverage.py", "coverage_script")
 
 
 def test_fxfuse_column_on_bert_eager(coverage):

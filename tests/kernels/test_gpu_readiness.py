@@ -11,25 +11,18 @@ the interpreter off, and the plan reads the launchers' full config lists.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import triton
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_readiness.py"
+from tests.helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def ready():
-    spec = importlib.util.spec_from_file_location("fxfuse_benchmarks_gpu_readiness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_script("gpu_readiness.py", "fxfuse_benchmarks_gpu_readiness")
 
 
 @pytest.fixture(scope="module")
