@@ -16,9 +16,10 @@ from torch import nn
 from fxfuse.api import OptimizedModule, optimize
 from fxfuse.codegen import lower
 from fxfuse.compress.calibrate import Batch, batches, stream_statistics
-from fxfuse.compress.checkpoint import save_pretrained
+from fxfuse.compress.checkpoint import rebuild, save_pretrained
 from fxfuse.compress.drop import drop_branches
 from fxfuse.compress.heads import check_tp_degree, choose_heads, find_heads, head_scores, prune_heads, refit_outputs
+from fxfuse.compress.kv_heads import Grouping, Method, merge_kv_heads
 from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
 from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
@@ -99,15 +100,26 @@ class CompressedModule(OptimizedModule):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a Hugging Face checkpoint that ``from_pretrained`` loads as the compressed model.
 
-        Only whole-layer removals can be written (the config has one layer
-        count); removed sublayers raise ``InputError`` saying so.
+        Whole layers, heads pruned alike in every layer and merged key/value
+        heads can be written (the config has one count of each); removed
+        sublayers raise ``InputError`` saying so.
         """
+        save_pretrained(self._transformers_source(), self.graph_module, self.compress_report.unit,
+                        len(self.compress_report.accepted), directory)
+
+    def to_transformers(self) -> nn.Module:
+        """The compressed model as a ``transformers`` model of the source's class (what :meth:`save_pretrained`
+        writes), in memory: ``generate()`` on it, or on ``torch.compile(it, backend="fxfuse")``, keeps a
+        cache of the compressed size (fewer layers or key/value heads)."""
+        return rebuild(self._transformers_source(), self.graph_module, self.compress_report.unit,
+                       len(self.compress_report.accepted))
+
+    def _transformers_source(self) -> nn.Module:
         source = self._source[0]
         if source is None:
             raise InputError("this model was compressed from an OptimizedModule; compress the transformers model "
-                             "itself to save a checkpoint")
-        report = self.compress_report
-        save_pretrained(source, self.graph_module, report.unit, len(report.accepted), directory)
+                             "itself to save or rebuild a checkpoint")
+        return source
 
 
 def compress(
@@ -118,6 +130,9 @@ def compress(
     attention_sublayers: int = 0,
     mlp_sublayers: int = 0,
     heads: float = 0,
+    kv_heads: int = 0,
+    merge: Method = "aligned",
+    grouping: Grouping = "activation",
     params: Optional[float] = None,
     kv_bytes: Optional[float] = None,
     unit: Optional[Unit] = None,
@@ -160,6 +175,12 @@ def compress(
     every op keeps query and KV head counts divisible by it; a model that is
     not divisible to begin with is refused. Layer and sublayer removal keep
     every head count.
+    ``kv_heads`` merges every attention op's key/value heads down to that many
+    (MHA → GQA, or fewer groups; :mod:`fxfuse.compress.kv_heads`): ``merge="aligned"``
+    (the group's best common subspace on the calibration tokens, RoPE-aware) or
+    ``"mean"`` (mean-pooling), groups chosen from the calibration statistics
+    (``grouping="activation"``) or adjacent (``"neighbours"``); with ``repair``,
+    the output projections are then refitted as after head pruning.
     Quality is perplexity for a language model (loss = relative rise) or the
     cosine of pooled outputs to the original's (loss = 1 - cosine). With
     ``max_quality_loss``, a step whose held-out loss would exceed it is refused
@@ -167,7 +188,7 @@ def compress(
     ``OptimizedModule`` already (its fused graph is reused, not changed).
     """
     counts = {"layers": layers, "attention_sublayers": attention_sublayers, "mlp_sublayers": mlp_sublayers,
-              "heads": heads}
+              "heads": heads, "kv_heads": kv_heads}
     asked = {k: v for k, v in counts.items() if v}
     target = _size_target(asked, params, kv_bytes, unit)
     if target is not None:
@@ -175,13 +196,13 @@ def compress(
     elif unit is not None:
         raise InputError(f"unit= chooses what params= or kv_bytes= removes; with a count, name the unit itself "
                          f"(e.g. attention_sublayers=2), got unit={unit!r}")
-    bad_count = any(not isinstance(v, int) or v < 0 for k, v in counts.items() if k != "heads")
+    bad_count = any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for k, v in counts.items() if k != "heads")
     bad_heads = not isinstance(heads, (int, float)) or heads < 0 or (isinstance(heads, float) and heads >= 1)
     if len(asked) != 1 or bad_count or bad_heads:
         raise InputError(f"ask for one kind of removal with a positive count (layers=, attention_sublayers=, "
-                         f"mlp_sublayers=, or heads= as a count or a fraction below 1); got {counts}")
+                         f"mlp_sublayers=, kv_heads=, or heads= as a count or a fraction below 1); got {counts}")
     unit, count = next(iter(asked.items()))
-    allowed = HEAD_SCORERS if unit == "heads" else ("loss", "similarity")
+    allowed = {"heads": HEAD_SCORERS, "kv_heads": ()}.get(unit, ("loss", "similarity"))
     if scorer is not None and scorer not in allowed:
         raise InputError(f"scorer for {unit} must be one of {allowed}, not {scorer!r}")
     cal = batches(calibration)
@@ -198,6 +219,10 @@ def compress(
     held = [{**b, **fixed} for b in held]
     original = optimized.graph_module
     timer = Timer(held[0], optimized.report.backend)
+    if unit == "kv_heads":
+        report, current = _compress_kv_heads(original, kv_heads, merge, grouping, tp_degree, repair, ridge, cal, held,
+                                             max_quality_loss, timer)
+        return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
     if unit == "heads":
         report, current = _compress_heads(original, heads, uniform, tp_degree, scorer, repair, ridge, cal, held,
                                           max_quality_loss, score_batches, timer)
@@ -299,6 +324,27 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, tp_de
             break
         current, accepted = trial, removed
     return report, current
+
+
+def _compress_kv_heads(original: fx.GraphModule, kv_heads: int, merge: Method, grouping: Grouping, tp_degree: int,
+                       repair: bool, ridge: Optional[float], cal: list[Batch], held: list[Batch],
+                       budget: Optional[float], timer: "Timer") -> tuple[CompressReport, fx.GraphModule]:
+    """Merge every op's key/value heads down to ``kv_heads`` in one step, refit the output projections."""
+    start = time.perf_counter()
+    judge = Judge(original, held)
+    report = CompressReport(unit="kv_heads", scorer=f"{merge} merge, {grouping} groups", repair=repair,
+                            original=judge.original, original_parameters=parameter_count(original),
+                            original_kv_bytes_per_token=kv_bytes_per_token(original),
+                            original_latency_ms=timer(original), budget=budget)
+    merged, notes = merge_kv_heads(original, kv_heads, cal, merge, grouping, tp_degree)
+    if repair:
+        notes += refit_outputs(original, merged, [h.name for h in find_heads(merged)], cal, ridge)
+    step = _step(report, judge, timer, merged, (f"kv_heads→{kv_heads}",), 0.0, notes, start, budget)
+    if not step.accepted:
+        report.notes.append(f"the budget ({budget:g}) refused merging to {kv_heads} key/value heads: it would lose "
+                            f"{step.quality_loss:.4g}; the model is returned unmerged")
+        return report, original
+    return report, merged
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ source model's state dict without the removed layers, the later ones
 renumbered, every weight the graph holds taken from the graph, and a config
 with ``num_hidden_layers`` (and per-layer lists such as ``layer_types``)
 cut to match. A model loaded from a GGUF file is de-quantized on load, so
-the checkpoint is a plain floating-point one. Pruned heads are written with
+the checkpoint is a plain floating-point one. Pruned or merged heads are written with
 ``num_attention_heads`` / ``num_key_value_heads`` set to the kept counts and
 ``head_dim`` kept, where they are the same in every layer and the config has
 a ``head_dim`` (LLaMA-style configs; BERT's derives it from the width).
@@ -29,12 +29,18 @@ from fxfuse.errors import InputError
 
 def save_pretrained(source: nn.Module, graph_module: nn.Module, unit: str, removed: int, directory: str | Path) -> None:
     """Write the checkpoint of ``graph_module`` (``source`` compressed, ``removed`` ``unit`` taken out)."""
+    rebuild(source, graph_module, unit, removed).save_pretrained(str(directory))
+
+
+def rebuild(source: nn.Module, graph_module: nn.Module, unit: str, removed: int) -> nn.Module:
+    """The ``transformers`` model of ``source``'s class, with the compressed config and ``graph_module``'s weights
+    (what :func:`save_pretrained` writes): it generates with a cache of the compressed size."""
     config = getattr(source, "config", None)
     if config is None or not hasattr(source, "save_pretrained"):
         raise InputError(f"save_pretrained needs a Hugging Face transformers model; the compressed model came "
                          f"from a {type(source).__name__}")
     held = {**dict(graph_module.named_parameters()), **dict(graph_module.named_buffers())}
-    if unit == "heads":
+    if unit in ("heads", "kv_heads"):
         new_config = _heads_config(config, graph_module)
         state = {name: held.get(name, value).detach().clone() for name, value in source.state_dict().items()}
     elif unit == "layers" or not removed:
@@ -48,10 +54,17 @@ def save_pretrained(source: nn.Module, graph_module: nn.Module, unit: str, remov
         model = type(source)(new_config)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    # Buffers outside the state dict (RoPE frequencies) come from the config: the source's are the same.
+    source_buffers = dict(source.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        kept = source_buffers.get(name)
+        if buffer.is_meta and kept is not None and kept.shape == buffer.shape:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, kept.clone(), persistent=False)
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if missing:
         raise InputError(f"the compressed checkpoint would lack {missing[:5]}; cannot save it")
-    model.save_pretrained(str(directory))
+    return model.eval()
 
 
 def _without_layers(source: nn.Module, config: Any, held: dict[str, torch.Tensor],
@@ -76,7 +89,7 @@ def _without_layers(source: nn.Module, config: Any, held: dict[str, torch.Tensor
 
 
 def _heads_config(config: Any, graph_module: nn.Module) -> Any:
-    """``config`` with the pruned head counts, which must be the same in every layer."""
+    """``config`` with the pruned or merged head counts, which must be the same in every layer."""
     from fxfuse.compress.heads import find_heads
 
     counts = {(h.q_heads, h.kv_heads, h.head_dim) for h in find_heads(graph_module)}
@@ -85,11 +98,17 @@ def _heads_config(config: Any, graph_module: nn.Module) -> Any:
                          f"{type(config).__name__} cannot express (one head count for all layers). Compress with "
                          f"uniform=True for a checkpoint transformers can load")
     (q_heads, kv_heads, head_dim), = counts
-    if "head_dim" not in config.to_dict():
+    if kv_heads < q_heads and not hasattr(config, "num_key_value_heads"):
+        raise InputError(f"{type(config).__name__} has no num_key_value_heads: it cannot express {kv_heads} key/value "
+                         f"heads for {q_heads} query heads; keep the compressed module in this process")
+    resized = (q_heads, head_dim) != (config.num_attention_heads, getattr(config, "head_dim", head_dim))
+    if resized and "head_dim" not in config.to_dict():
         raise InputError(f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads, so "
                          f"it cannot express {q_heads} heads of {head_dim}; keep the compressed module in this process")
     new = _cut_config(config, list(range(config.num_hidden_layers)), config.num_hidden_layers)
-    new.num_attention_heads, new.head_dim = q_heads, head_dim
+    new.num_attention_heads = q_heads
+    if "head_dim" in config.to_dict():
+        new.head_dim = head_dim
     if hasattr(new, "num_key_value_heads"):
         new.num_key_value_heads = kv_heads
     return new

@@ -75,6 +75,7 @@ class Heads:
     kv_heads: int
     head_dim: int
     v_dim: int
+    rope: Optional[fx.Node] = None  # the ``fxfuse.rope`` op on the key path, if any
 
     @property
     def group(self) -> int:
@@ -82,13 +83,16 @@ class Heads:
         return self.q_heads // self.kv_heads
 
 
-def _producer(attention: fx.Node, node: fx.Node, what: str) -> tuple[fx.Node, list[fx.Node]]:
-    """The linear that computes ``node`` (an attention input) and the views between them."""
+def _producer(attention: fx.Node, node: fx.Node, what: str) -> tuple[fx.Node, list[fx.Node], Optional[fx.Node]]:
+    """The linear that computes ``node`` (an attention input), the views between them, and the rope op
+    on the way (None if there is none)."""
     views: list[fx.Node] = []
+    rope = None
     n = node
     while True:
         if n.op == "call_function" and n.target is operator.getitem and n.args[0].target is OPS["rope"]:
-            n = n.args[0].args[n.args[1]]
+            rope = n.args[0]
+            n = rope.args[n.args[1]]
         elif n.op == "call_function" and n.target in _LAYOUT:
             if len(n.users) != 1:
                 raise Unprunable(f"{attention.name}: the {what} view {n.name} has other readers")
@@ -97,7 +101,7 @@ def _producer(attention: fx.Node, node: fx.Node, what: str) -> tuple[fx.Node, li
         elif n.op == "call_function" and n.target is aten.linear.default and linear_weight(n) is not None:
             if len(n.users) != 1:
                 raise Unprunable(f"{attention.name}: the {what} projection {n.name} has other readers")
-            return n, views
+            return n, views, rope
         else:
             raise Unprunable(f"{attention.name}: its {what} input is computed by {n.name} ({n.target}), "
                              "not by a linear through views (a fused qkv projection or a norm over heads)")
@@ -136,12 +140,12 @@ def find_heads(gm: fx.GraphModule) -> list[Heads]:
         if (node.args[7] if len(node.args) > 7 else node.kwargs.get("sinks")) is not None:
             raise Unprunable(f"{node.name}: it has per-head attention sinks")
         views = {}
-        q, views["q"] = _producer(node, node.args[0], "query")
-        k, views["k"] = _producer(node, node.args[1], "key")
-        v, views["v"] = _producer(node, node.args[2], "value")
+        q, views["q"], _ = _producer(node, node.args[0], "query")
+        k, views["k"], rope = _producer(node, node.args[1], "key")
+        v, views["v"], _ = _producer(node, node.args[2], "value")
         out, views["out"] = _consumer(node)
         found.append(Heads(f"heads[{len(found)}]", node, q, k, v, out, views, int(q_val.shape[1]),
-                           int(k_val.shape[1]), int(q_val.shape[-1]), int(v_val.shape[-1])))
+                           int(k_val.shape[1]), int(q_val.shape[-1]), int(v_val.shape[-1]), rope))
     return found
 
 
