@@ -20,6 +20,7 @@ from fxfuse.compress.checkpoint import rebuild, save_pretrained
 from fxfuse.compress.drop import drop_branches
 from fxfuse.compress.heads import check_tp_degree, choose_heads, find_heads, head_scores, prune_heads, refit_outputs
 from fxfuse.compress.kv_heads import Grouping, Method, merge_kv_heads
+from fxfuse.compress.latent import LatentMethod, latent_rotary_dims, refit_latent_outputs, to_latent
 from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
 from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
@@ -133,6 +134,9 @@ def compress(
     kv_heads: int = 0,
     merge: Method = "aligned",
     grouping: Grouping = "activation",
+    latent_kv: float = 0,
+    rope_dims: Optional[int] = None,
+    fit: LatentMethod = "activation",
     params: Optional[float] = None,
     kv_bytes: Optional[float] = None,
     unit: Optional[Unit] = None,
@@ -181,6 +185,12 @@ def compress(
     ``"mean"`` (mean-pooling), groups chosen from the calibration statistics
     (``grouping="activation"``) or adjacent (``"neighbours"``); with ``repair``,
     the output projections are then refitted as after head pruning.
+    ``latent_kv`` (a fraction of the KV-cache bytes per token, below 1) rewrites
+    every attention op as multi-head latent attention (:mod:`fxfuse.compress.latent`):
+    a decoupled rotary key of ``rope_dims`` (default: a quarter of the budget)
+    plus a latent of the rest, fitted on the calibration tokens
+    (``fit="activation"``) or on the weights alone (``"svd"``, X-EcoMLA's
+    initialisation); with ``repair``, the output projections are refitted.
     Quality is perplexity for a language model (loss = relative rise) or the
     cosine of pooled outputs to the original's (loss = 1 - cosine). With
     ``max_quality_loss``, a step whose held-out loss would exceed it is refused
@@ -188,7 +198,7 @@ def compress(
     ``OptimizedModule`` already (its fused graph is reused, not changed).
     """
     counts = {"layers": layers, "attention_sublayers": attention_sublayers, "mlp_sublayers": mlp_sublayers,
-              "heads": heads, "kv_heads": kv_heads}
+              "heads": heads, "kv_heads": kv_heads, "latent_kv": latent_kv}
     asked = {k: v for k, v in counts.items() if v}
     target = _size_target(asked, params, kv_bytes, unit)
     if target is not None:
@@ -196,13 +206,16 @@ def compress(
     elif unit is not None:
         raise InputError(f"unit= chooses what params= or kv_bytes= removes; with a count, name the unit itself "
                          f"(e.g. attention_sublayers=2), got unit={unit!r}")
-    bad_count = any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for k, v in counts.items() if k != "heads")
+    bad_count = any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for k, v in counts.items()
+                    if k not in ("heads", "latent_kv"))
     bad_heads = not isinstance(heads, (int, float)) or heads < 0 or (isinstance(heads, float) and heads >= 1)
-    if len(asked) != 1 or bad_count or bad_heads:
+    bad_latent = not isinstance(latent_kv, (int, float)) or not 0 <= latent_kv < 1
+    if len(asked) != 1 or bad_count or bad_heads or bad_latent:
         raise InputError(f"ask for one kind of removal with a positive count (layers=, attention_sublayers=, "
-                         f"mlp_sublayers=, kv_heads=, or heads= as a count or a fraction below 1); got {counts}")
+                         f"mlp_sublayers=, kv_heads=, heads= as a count or a fraction below 1, or latent_kv= as a "
+                         f"fraction below 1); got {counts}")
     unit, count = next(iter(asked.items()))
-    allowed = {"heads": HEAD_SCORERS, "kv_heads": ()}.get(unit, ("loss", "similarity"))
+    allowed = {"heads": HEAD_SCORERS, "kv_heads": (), "latent_kv": ()}.get(unit, ("loss", "similarity"))
     if scorer is not None and scorer not in allowed:
         raise InputError(f"scorer for {unit} must be one of {allowed}, not {scorer!r}")
     cal = batches(calibration)
@@ -222,6 +235,10 @@ def compress(
     if unit == "kv_heads":
         report, current = _compress_kv_heads(original, kv_heads, merge, grouping, tp_degree, repair, ridge, cal, held,
                                              max_quality_loss, timer)
+        return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
+    if unit == "latent_kv":
+        report, current = _compress_latent(original, latent_kv, rope_dims, fit, repair, ridge, cal, held,
+                                           max_quality_loss, timer)
         return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
     if unit == "heads":
         report, current = _compress_heads(original, heads, uniform, tp_degree, scorer, repair, ridge, cal, held,
@@ -347,6 +364,40 @@ def _compress_kv_heads(original: fx.GraphModule, kv_heads: int, merge: Method, g
     return report, merged
 
 
+def _compress_latent(original: fx.GraphModule, fraction: float, rope_dims: Optional[int], fit: LatentMethod,
+                     repair: bool, ridge: Optional[float], cal: list[Batch], held: list[Batch],
+                     budget: Optional[float], timer: "Timer") -> tuple[CompressReport, fx.GraphModule]:
+    """Rewrite every attention op as latent attention holding ``fraction`` of its KV bytes, in one step."""
+    start = time.perf_counter()
+    found = find_heads(original)
+    if not found:
+        raise InputError("the graph has no attention op whose heads can be rewritten as latent attention")
+    sizes = {h.kv_heads * (h.head_dim + h.v_dim) for h in found}
+    if len(sizes) != 1:
+        raise InputError(f"the attention ops hold different KV sizes per token ({sorted(sizes)}); latent_kv needs one")
+    numbers = int(fraction * sizes.pop())  # cache numbers per token and op: rope_dims + latent_dim
+    if rope_dims is None:
+        rope_dims = min(2 * round(numbers / 8), min(h.kv_heads * latent_rotary_dims(h) for h in found))
+    if numbers - rope_dims < 1:
+        raise InputError(f"latent_kv={fraction:g} leaves {numbers} numbers per token and op, not more than "
+                         f"rope_dims={rope_dims}; ask for a larger fraction or fewer rope_dims")
+    judge = Judge(original, held)
+    report = CompressReport(unit="latent_kv", scorer=f"{fit} fit, rope_dims={rope_dims}", repair=repair,
+                            original=judge.original, original_parameters=parameter_count(original),
+                            original_kv_bytes_per_token=kv_bytes_per_token(original),
+                            original_latency_ms=timer(original), budget=budget)
+    rewritten = to_latent(original, cal, rope_dims, numbers - rope_dims, fit)
+    notes = [f"every op: a rotary key of {rope_dims} and a latent of {numbers - rope_dims} per token"]
+    if repair:
+        notes += refit_latent_outputs(original, rewritten, cal, ridge)
+    step = _step(report, judge, timer, rewritten, (f"latent_kv={fraction:g}",), 0.0, notes, start, budget)
+    if not step.accepted:
+        report.notes.append(f"the budget ({budget:g}) refused latent attention at {fraction:g} of the KV bytes: it "
+                            f"would lose {step.quality_loss:.4g}; the model is returned unchanged")
+        return report, original
+    return report, rewritten
+
+
 @dataclass(frozen=True)
 class SizeTarget:
     """Remove ``unit``s until the model holds at most ``fraction`` of the original's ``measure``."""
@@ -450,10 +501,14 @@ def parameter_count(gm: nn.Module) -> int:
 
 
 def kv_bytes_per_token(gm: fx.GraphModule) -> int:
-    """Bytes of K and V one token adds to a KV cache: over the graph's attention ops, Hkv·(Dk + Dv)·itemsize."""
+    """Bytes of K and V one token adds to a KV cache: over the graph's attention ops, Hkv·(Dk + Dv)·itemsize
+    (Hkv·Dk where the values are part of the keys, as in latent attention)."""
     total = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is OPS["attention"]:
             k, v = node.args[1].meta["val"], node.args[2].meta["val"]
-            total += k.shape[1] * (k.shape[-1] + v.shape[-1]) * k.element_size()
+            # latent attention (fxfuse.compress.latent) reads its values as the leading part of its keys
+            shared = node.args[1] is node.args[2] or (node.args[1].target is torch.ops.aten.cat.default
+                                                      and node.args[2] in node.args[1].args[0])
+            total += k.shape[1] * (k.shape[-1] + (0 if shared else v.shape[-1])) * k.element_size()
     return total

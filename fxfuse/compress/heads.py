@@ -340,21 +340,29 @@ def _gradient_scores(gm: fx.GraphModule, heads: list[Heads], data: list[Batch]) 
 def refit_outputs(original: fx.GraphModule, pruned: fx.GraphModule, names: list[str], data: list[Batch],
                   ridge: Optional[float] = None) -> list[str]:
     """Refit the output projections of ops ``names`` in ``pruned`` (in place) so that each op's kept heads
-    reproduce the original op's projected output on ``data``: W ← W + Δᵀ (and the bias, where there is
-    one, by the intercept of the fit), Δ the ridge least-squares fit of the shortfall on the pruned model's
-    own head outputs (all ops fitted from one pass per model); returns one note per op. ``ridge``
-    (relative λ) defaults to the best on left-out batches."""
+    reproduce the original op's projected output on ``data`` (:func:`refit_linears`)."""
     before = {h.name: h for h in find_heads(original)}
     after = {h.name: h for h in find_heads(pruned)}
+    return refit_linears(original, pruned, {n: (before[n].out, after[n].out) for n in names}, data, ridge)
+
+
+def refit_linears(original: fx.GraphModule, changed: fx.GraphModule, pairs: dict[str, tuple[fx.Node, fx.Node]],
+                  data: list[Batch], ridge: Optional[float] = None) -> list[str]:
+    """For each name → (a node of ``original``, a linear of ``changed``), refit the linear's weight (in place)
+    so that its output reproduces the original node's value on ``data``: W ← W + Δᵀ (and the bias, where
+    there is one, by the intercept of the fit), Δ the ridge least-squares fit of the shortfall on the changed
+    model's own inputs to the linear (all fitted from one pass per model); returns one note per linear.
+    ``ridge`` (relative λ) defaults to the best on left-out batches."""
+    names = list(pairs)
     folds: dict[str, list[tuple[Tensor, Tensor, float]]] = {name: [] for name in names}
     linears = {}
     for name in names:
-        weight, bias = linear_weight(after[name].out), linear_bias(after[name].out)
-        linears[name] = (attr_of(pruned, weight.target).detach().double(),
-                         attr_of(pruned, bias.target).detach().double() if bias is not None else None)
+        weight, bias = linear_weight(pairs[name][1]), linear_bias(pairs[name][1])
+        linears[name] = (attr_of(changed, weight.target).detach().double(),
+                         attr_of(changed, bias.target).detach().double() if bias is not None else None)
     for batch in data:
         targets: dict[str, Tensor] = {}
-        observe(original, {n: before[n].out for n in names}, [batch], lambda i, v, b: targets.update(v),
+        observe(original, {n: pairs[n][0] for n in names}, [batch], lambda i, v, b: targets.update(v),
                 desc="refit: original")
 
         def accumulate(_: int, values: dict[str, Tensor], batch: Batch) -> None:
@@ -367,7 +375,7 @@ def refit_outputs(original: fx.GraphModule, pruned: fx.GraphModule, names: list[
                     z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)
                 folds[name].append((z.T @ z, z.T @ residual, float((residual * residual).sum())))
 
-        observe(pruned, {n: after[n].out.args[0] for n in names}, [batch], accumulate, desc="refit: pruned")
+        observe(changed, {n: pairs[n][1].args[0] for n in names}, [batch], accumulate, desc="refit: changed")
     notes = []
     for name in names:
         chosen_ridge, chosen = ridge, f"λ={ridge:g}" if ridge is not None else ""
@@ -379,11 +387,12 @@ def refit_outputs(original: fx.GraphModule, pruned: fx.GraphModule, names: list[
             chosen = f"λ={chosen_ridge:g}, held-out error ×{gain:.3f}"
         delta = solve_ridge(sum(f[0] for f in folds[name]), sum(f[1] for f in folds[name]), chosen_ridge)
         weight, bias = linears[name]
-        target = linear_weight(after[name].out).target
-        set_tensor(pruned, target, (weight + delta[:weight.shape[1]].T).to(attr_of(pruned, target).dtype))
+        linear = pairs[name][1]
+        target = linear_weight(linear).target
+        set_tensor(changed, target, (weight + delta[:weight.shape[1]].T).to(attr_of(changed, target).dtype))
         if bias is not None:
-            bias_target = linear_bias(after[name].out).target
-            set_tensor(pruned, bias_target, (bias + delta[-1]).to(attr_of(pruned, bias_target).dtype))
+            bias_target = linear_bias(linear).target
+            set_tensor(changed, bias_target, (bias + delta[-1]).to(attr_of(changed, bias_target).dtype))
         notes.append(f"{name}: refit {target}{' and its bias' if bias is not None else ''} ({chosen})")
     return notes
 
