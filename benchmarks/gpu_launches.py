@@ -113,6 +113,72 @@ def _attention_jobs(family: str, label: str, params: dict, configs: list, target
             for c, r in zip(configs, reasons)]
 
 
+def latent_shape(dtype: str, r: int = 512, dr: int = 64, heads: int = 128, groups: int = 1, sq: int = 1,
+                 splits: int = 16, causal: bool = False, mask: str = "none") -> dict[str, Any]:
+    """A latent attention launch: DeepSeek-V3's decoding step by default (128 heads over one latent of
+    R = 512 with Dr = 64 rotary dims, one new token, 1000 cached keys, 16 key splits)."""
+    return dict(dtype=dtype, r=r, dr=dr, b=1, h=heads, g=groups, sq=sq, sk=1000, splits=splits, causal=causal,
+                mask=mask)
+
+
+def _latent_jobs(label: str, params: dict, configs: list, target: str, first_kept: bool = False,
+                 compile_pruned: bool = True) -> list[Job]:
+    """As :func:`_attention_jobs`, for the latent attention kernel."""
+    import torch
+
+    kernel = _module("latent_attention")
+    named, kwargs = _latent_call(params, getattr(torch, params["dtype"]), "meta")
+    spec = TARGETS[target]
+    kept, reasons = kernel.prune(configs, named, kwargs, spec.arch, spec.smem_per_block)
+    if first_kept:
+        configs, reasons = kept[:1], [None]
+    return [Job("latent-attn", label, target, params, config_dict(c), r, skip=r is not None and not compile_pruned)
+            for c, r in zip(configs, reasons)]
+
+
+def _latent_plan(quick: bool, target: str) -> list[Job]:
+    """The latent attention jobs of :func:`plan` for ``target``."""
+    configs = _module("latent_attention")._configs()
+    if quick:
+        return _latent_jobs("decode", latent_shape("bfloat16"), configs, target, first_kept=True)
+    jobs = _latent_jobs("decode", latent_shape("bfloat16"), configs, target)
+    for dtype in ("float16", "float32"):
+        jobs += _latent_jobs("decode", latent_shape(dtype), configs, target, first_kept=True)
+    for label, p in (("4 tokens, causal, bool mask", latent_shape("bfloat16", sq=4, causal=True, mask="bool")),
+                     ("float mask", latent_shape("bfloat16", mask="float")),
+                     ("no rotary part, 4 groups", latent_shape("bfloat16", dr=0, heads=32, groups=4)),
+                     ("prefill", latent_shape("bfloat16", r=128, dr=32, heads=16, sq=1000, splits=1, causal=True))):
+        jobs += _latent_jobs(label, p, configs, target, first_kept=True)
+    return jobs
+
+
+def _latent_call(params: dict[str, Any], dtype, device: str) -> tuple[dict, dict]:
+    """(positional args by name, constexpr kwargs) of a latent attention launch, built as its ``_launch`` does."""
+    import torch
+    from fxfuse.kernels._config import bucket
+
+    kernel = _module("latent_attention")
+    b, h, g, sq, sk, r, dr, splits = (params[k] for k in ("b", "h", "g", "sq", "sk", "r", "dr", "splits"))
+    e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=device)  # noqa: E731
+    ql, qr, lat, kr = e(b, h, sq, r), e(b, h, sq, dr), e(b, g, sk, r), e(b, g, sk, dr)
+    out = e(b, sq, h, r).transpose(1, 2)
+    mask, mstrides = None, (0, 0, 0, 0)
+    if params["mask"] != "none":
+        mask = e(b, 1, sq, sk, dt=torch.bool if params["mask"] == "bool" else dtype).expand(b, h, sq, sk)
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mstrides = mask.stride()
+    kwargs = kernel.constexprs(dtype, r, dr, params["mask"], params["causal"], splits)
+    part_o = part_ml = None
+    if splits > 1:
+        part_o = e(splits, b, h, sq, kwargs["BLOCK_R"], dt=torch.float32)
+        part_ml = e(splits, b, h, sq, 2, dt=torch.float32)
+    rows = sq * (h // g)
+    args = (ql, qr if dr else None, lat, kr if dr else None, out, mask, part_o, part_ml, *ql.stride(), *qr.stride(),
+            *lat.stride(), *kr.stride(), *out.stride(), *mstrides, b, h, g, sq, sk, r, dr, 0.1, bucket(rows),
+            bucket(sk))
+    return dict(zip(kernel._latent_attn_kernel.arg_names, args)), kwargs
+
+
 def plan(quick: bool = False, targets: Iterable[str] = tuple(TARGETS)) -> list[Job]:
     """The kernels to compile: the covering set, or (``quick``) the small set the test compiles.
 
@@ -130,7 +196,11 @@ def plan(quick: bool = False, targets: Iterable[str] = tuple(TARGETS)) -> list[J
     flags and dtypes once. Quick: head dim 128, float16, the prefill configs the pruning
     keeps and the first it drops for registers, the deepest prefill pipeline at head dim
     256 (which it must drop for shared memory), the first decode config kept, the first
-    prefill config kept for sliding window + mask, and each other kernel once.
+    prefill config kept for sliding window + mask, and each other kernel once. Latent attention
+    (latent-attn): DeepSeek-V3's decoding step (128 heads over one latent, R = 512, Dr = 64) in bfloat16
+    with every config, in float16 and float32 with the first the pruning keeps, and with that first kept
+    config causal 4-token decoding with a boolean mask, a float mask, no rotary part over 4 latent groups
+    and a causal prefill at R = 128, Dr = 32; quick: the bfloat16 decoding step's first kept config.
     """
     attention, norms, rope, activations = (_module(n) for n in ("attention", "norms", "rope", "activations"))
     prefill, decode = attention._prefill_configs(), attention._decode_configs()
@@ -179,6 +249,7 @@ def plan(quick: bool = False, targets: Iterable[str] = tuple(TARGETS)) -> list[J
             jobs += _attention_jobs("attn-decode", "128 packed rows", p, decode, t)
             p = dict(prefill_shape(128, "float16", hkv=1), variant=_variant(128))
             jobs += _attention_jobs("attn-prefill", "GQA, 1 kv head", p, prefill, t, first_kept=True)
+        jobs += _latent_plan(quick, t)
         for d in ((128,) if quick else (64, 128, 256)):
             for dtype in (("float16",) if quick else DTYPES):
                 jobs.append(Job("split-reduce", "log2", t, dict(dtype=dtype, d=d, splits=16, log2=True)))
@@ -351,6 +422,9 @@ def launch(job: Job) -> tuple[Any, tuple, dict]:
     if job.family.startswith("attn-"):
         kernel = _attention_kernel(AttentionVariant(**job.params["variant"]))
         named, kwargs = _attention_call(job.params, dtype, "meta", attention)
+    elif job.family == "latent-attn":
+        kernel = _module("latent_attention")._latent_attn_kernel
+        named, kwargs = _latent_call(job.params, dtype, "meta")
     elif job.family == "split-reduce":
         p = job.params
         b, hq, sq, d, splits = 1, 32, 1, p["d"], p["splits"]

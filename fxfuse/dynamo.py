@@ -182,11 +182,12 @@ class Backend:
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
     """``gm`` compiled by Inductor, which generates its own fused loops for the norms, the rotary embeddings
     and the activations (their reference implementations are handed to it as decompositions: as opaque
-    extern calls they ran several ATen kernels each) and calls ``fxfuse.attention`` as an extern kernel."""
+    extern calls they ran several ATen kernels each) and calls ``fxfuse.attention`` and
+    ``fxfuse.latent_attention`` as extern kernels."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
-    inlined = {op: REFERENCE[name] for name, op in OPS.items() if name != "attention"}
+    inlined = {op: REFERENCE[name] for name, op in OPS.items() if name not in ("attention", "latent_attention")}
     return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **inlined})
 
 

@@ -117,7 +117,7 @@ def _types_by_kind(ops: dict[str, int], target: str) -> dict[str, str]:
 
 def _expected(report_ops: dict[str, int]) -> dict[str, int]:
     return {
-        "attention": report_ops.get("attention", 0),
+        "attention": report_ops.get("attention", 0) + report_ops.get("latent_attention", 0),
         "norm": sum(report_ops.get(k, 0) for k in ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm")),
         "rope": 2 * report_ops.get("rope", 0),
         "activation": report_ops.get("gelu", 0) + report_ops.get("gated_mlp_act", 0),

@@ -320,7 +320,16 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: flo
 
 
 FAST = {"rope": rope, "rms_norm": rms_norm, "add_rms_norm": add_rms_norm}
-"""Dialect ops that this back end runs through its own forms; the others run their reference."""
+"""Dialect ops that this back end runs through its own forms; the others run their reference.
+
+``latent_attention``'s reference, one GEMM per latent group for the scores
+and one for the values, is the fastest CPU form measured: SDPA on the
+concatenated queries and keys (the latent as values) took 50-100x its time
+at decode steps (16-32 heads, R = 512, 1-4K keys: SDPA repeats the latent for
+every head), 1.2-1.4x at a 256-token causal prefill, and 0.8-0.9x only at a
+small one (128 tokens, R = 128, with a mask); float32 and bfloat16, one
+thread on the project's Xeon.
+"""
 
 
 def _is_plain_addmm(node: fx.Node) -> bool:

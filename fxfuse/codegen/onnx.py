@@ -89,6 +89,7 @@ def translation_table(target: str) -> dict[Any, Callable]:
     return {
         **third_party_translations(),
         ops.attention.default: lowering.attention,
+        ops.latent_attention.default: lowering.latent_attention,
         ops.rms_norm.default: lowering.rms_norm,
         ops.add_rms_norm.default: lowering.add_rms_norm,
         ops.layer_norm.default: lowering.layer_norm,

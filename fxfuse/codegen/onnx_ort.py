@@ -15,6 +15,12 @@ Which op each dialect op becomes, and why:
   uses the op's own causal mode for self-attention and is folded into the
   bias otherwise. A query row whose every key is masked gives zeros, as the
   dialect says (the ORT kernels give NaN or a uniform average there).
+* ``latent_attention`` → the ``attention`` lowering of queries
+  cat(q_latent, q_rope), keys cat(latent, k_rope) and the latent as values
+  (ORT has no latent attention op): ``GroupQueryAttention`` without a rotary
+  part, ``MultiHeadAttention`` for one latent per head, the standard
+  ``Attention`` for grouped heads with a rotary part (the value head dim
+  differs from the key's).
 * ``add_layer_norm`` → ``SkipLayerNormalization`` and ``add_rms_norm`` →
   ``SkipSimplifiedLayerNormalization`` (their 4th output is the sum); the
   bias of a linear that feeds them moves into the op's ``bias`` input.
@@ -44,7 +50,7 @@ from fxfuse.codegen import onnx_std
 from fxfuse.codegen.onnx import (
     OnnxLoweringError, bias_add_parts, const_ints, contrib_op, default_scale, dims, ones, same_dim, static_dim,
 )
-from fxfuse.codegen.onnx_std import attention_bias, bhsd_to_bsd, bsd_to_bhsd, zero_masked_rows
+from fxfuse.codegen.onnx_std import attention_bias, bhsd_to_bsd, bsd_to_bhsd, latent_query_key, zero_masked_rows
 
 _MHA = contrib_op(
     "MultiHeadAttention",
@@ -115,6 +121,13 @@ def attention(q: ir.Value, k: ir.Value, v: ir.Value, mask: Optional[ir.Value] = 
                    num_heads=hq, kv_num_heads=hkv, scale=scale, softcap=float(softcap or 0.0),
                    causal=int(native_causal))
     return bsd_to_bhsd(zero_masked_rows(out, valid, valid_heads, hq, dv, q.dtype), hq, dv)
+
+
+def latent_attention(q_latent: ir.Value, q_rope: ir.Value, latent: ir.Value, k_rope: ir.Value,
+                     mask: Optional[ir.Value] = None, scale: Optional[float] = None, causal: bool = False) -> ir.Value:
+    """``attention`` with keys cat(latent, k_rope) and the latent as values: ORT has no latent attention op."""
+    q, k, scale = latent_query_key(q_latent, q_rope, latent, k_rope, scale)
+    return attention(q, k, latent, mask, scale, causal)
 
 
 def _heads_of(t: ir.Value, width: int) -> Optional[tuple[ir.Node, int]]:

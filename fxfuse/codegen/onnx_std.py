@@ -1,5 +1,7 @@
 """Standard ONNX target (opset 23): the fxfuse dialect → ``Attention``, ``RMSNormalization``,
 ``RotaryEmbedding``, ``LayerNormalization``, ``Gelu``; for runtimes other than ONNX Runtime.
+``latent_attention`` becomes ``Attention`` with the rotary parts concatenated to
+the queries and to the latent keys, and the latent itself as the values.
 
 The helpers here (mask → additive bias, layout changes, rope cache
 preparation) serve the ONNX Runtime target too, which falls back on these
@@ -158,6 +160,33 @@ def _attention_with_sinks(q: ir.Value, k: ir.Value, v: ir.Value, mask: Optional[
                          axis=0)
         extra[name] = op.Concat(t, op.Expand(scalar(0.0, t.dtype), size), axis=2)
     return op.Attention(q, extra["k"], extra["v"], op.Concat(bias, sink_cols, axis=3), **attrs)[0]
+
+
+def latent_query_key(q_latent: ir.Value, q_rope: ir.Value, latent: ir.Value, k_rope: ir.Value,
+                     scale: Optional[float]) -> tuple[ir.Value, ir.Value, float]:
+    """``latent_attention`` as plain attention: (queries, keys, scale), the rotary parts concatenated to the
+    latent ones (the values are the latent itself); no ``Concat`` when the rotary dim is 0."""
+    r = static_dim(q_latent, 3, "latent_attention", "latent dim")
+    dr = static_dim(q_rope, 3, "latent_attention", "rotary dim")
+    scale = default_scale(r + dr, scale)
+    if dr == 0:
+        return q_latent, latent, scale
+    return _concat_last(q_latent, q_rope, r + dr), _concat_last(latent, k_rope, r + dr), scale
+
+
+def _concat_last(a: ir.Value, b: ir.Value, width: int) -> ir.Value:
+    """``Concat`` along the last dim, with the shape and dtype the attention lowerings read (tracing infers none)."""
+    out = op.Concat(a, b, axis=-1)
+    out.shape = ir.Shape([*dims(a)[:-1], width])
+    out.dtype = a.dtype
+    return out
+
+
+def latent_attention(q_latent: ir.Value, q_rope: ir.Value, latent: ir.Value, k_rope: ir.Value,
+                     mask: Optional[ir.Value] = None, scale: Optional[float] = None, causal: bool = False) -> ir.Value:
+    """Opset-23 ``Attention`` with keys cat(latent, k_rope) and the latent as values (ONNX has no latent op)."""
+    q, k, scale = latent_query_key(q_latent, q_rope, latent, k_rope, scale)
+    return attention(q, k, latent, mask, scale, causal)
 
 
 # --- norms -------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ reason (logger ``fxfuse.codegen.triton``). Fallback rules:
   interpreter, ``fxfuse.kernels.device_ok``);
 * dtype: float16, bfloat16, float32 (float64 falls back);
 * attention: head dims up to 256, q/k/v of one dtype, boolean or float masks;
+* latent_attention: latent dims up to 512, rotary dims up to 128, the four
+  inputs of one dtype, boolean or float masks;
 * norms: rows up to 64K elements, weight and bias of the row's length;
 * rope: tensors of rank ≤ 4, q and k of one head dim.
 
@@ -174,6 +176,20 @@ class _Attention(Lowering):
                                       softcap=softcap, window=self.window, alibi_slopes=slopes)
 
 
+class _LatentAttention(Lowering):
+    def __init__(self, op: str, node: fx.Node, program: TritonProgram) -> None:
+        super().__init__(op, node, program)
+        self.kernels = _kernel_module("latent_attention")
+        self.static_reason = _dtype_reason(*(_val(x) for x in self.bind(*node.args, **node.kwargs)[:4]))
+
+    def check(self, q_latent, q_rope, latent, k_rope, mask=None, scale=None, causal=False):
+        return self.kernels.supports(q_latent, q_rope, latent, k_rope, mask)
+
+    def run(self, q_latent, q_rope, latent, k_rope, mask=None, scale=None, causal=False):
+        return self.kernels.latent_attention(q_latent, q_rope, latent, k_rope, attn_mask=mask, is_causal=causal,
+                                             scale=scale)
+
+
 def _norm_reason(x: torch.Tensor, *params: torch.Tensor | None) -> str | None:
     reason = _kernel_module("norms").supports(x) or _dtype_reason(*params)
     if reason is None:
@@ -317,8 +333,9 @@ def _fresh_and_dead(arg: Any, user: fx.Node) -> bool:
 
 
 _LOWERINGS: dict[str, type[Lowering]] = {
-    "attention": _Attention, "rms_norm": _RmsNorm, "add_rms_norm": _AddRmsNorm, "layer_norm": _LayerNorm,
-    "add_layer_norm": _AddLayerNorm, "gated_mlp_act": _GatedMlpAct, "gelu": _Gelu, "rope": _Rope,
+    "attention": _Attention, "latent_attention": _LatentAttention, "rms_norm": _RmsNorm,
+    "add_rms_norm": _AddRmsNorm, "layer_norm": _LayerNorm, "add_layer_norm": _AddLayerNorm,
+    "gated_mlp_act": _GatedMlpAct, "gelu": _Gelu, "rope": _Rope,
 }
 _BY_TARGET = {OPS[name]: name for name in _LOWERINGS}
 

@@ -10,11 +10,12 @@ and the ONNX exporter see it as one opaque node. Each has:
 Layout conventions follow ``torch.nn.functional.scaled_dot_product_attention``:
 attention tensors are (batch, heads, seq, head_dim). Output memory layouts
 are part of each op's contract, because compilers (Inductor) plan buffers from
-the fake implementation's strides: ``attention`` returns its (B, H, S, D)
-result laid out as (B, S, H, D) in memory, the layout SDPA's CPU and flash
-kernels write and the one the following ``transpose(1, 2).reshape(B, S, H·D)``
-reads without a copy; every other op returns the layout ``torch.empty_like``
-gives its first input. Backward formulas are in ``fxfuse.ir.gradients``.
+the fake implementation's strides: ``attention`` and ``latent_attention``
+return their (B, H, S, D) result laid out as (B, S, H, D) in memory, the
+layout SDPA's CPU and flash kernels write and the one the following
+``transpose(1, 2).reshape(B, S, H·D)`` reads without a copy; every other op
+returns the layout ``torch.empty_like`` gives its first input. Backward
+formulas are in ``fxfuse.ir.gradients``.
 """
 
 from __future__ import annotations
@@ -189,6 +190,94 @@ torch.library.custom_op("fxfuse::attention", attention, mutates_args=())
 def _(q, k, v, mask=None, scale=None, causal=False, softcap=None, sinks=None):
     _check_gqa(q, k, v)
     return _seq_major_empty(q, (*q.shape[:-1], v.shape[-1]))
+
+
+def _check_latent(q_latent: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor) -> None:
+    tensors = {"q_latent": q_latent, "q_rope": q_rope, "latent": latent, "k_rope": k_rope}
+    if any(t.dim() != 4 for t in tensors.values()):
+        shapes = ", ".join(f"{n}{tuple(t.shape)}" for n, t in tensors.items())
+        raise ValueError(f"fxfuse.latent_attention takes 4-D (batch, heads, seq, dim) tensors; got {shapes}")
+    (b, h, sq, r), (b2, h2, sq2, dr) = q_latent.shape, q_rope.shape
+    (b3, g, sk, r3), (b4, g4, sk4, dr4) = latent.shape, k_rope.shape
+    if b2 != b or b3 != b or b4 != b:
+        raise ValueError(f"fxfuse.latent_attention: batch sizes differ: q_latent {b}, q_rope {b2}, latent {b3}, "
+                         f"k_rope {b4}")
+    if (h2, sq2) != (h, sq):
+        raise ValueError(f"fxfuse.latent_attention: q_rope{tuple(q_rope.shape)} must have the heads and query "
+                         f"length of q_latent{tuple(q_latent.shape)}")
+    if (g4, sk4) != (g, sk):
+        raise ValueError(f"fxfuse.latent_attention: k_rope{tuple(k_rope.shape)} must have the groups and key "
+                         f"length of latent{tuple(latent.shape)}")
+    if r3 != r:
+        raise ValueError(f"fxfuse.latent_attention: the latent dim R of q_latent ({r}) and latent ({r3}) differ")
+    if dr4 != dr:
+        raise ValueError(f"fxfuse.latent_attention: the rotary dim Dr of q_rope ({dr}) and k_rope ({dr4}) differ")
+    if g == 0 or h % g:
+        raise ValueError(f"fxfuse.latent_attention: query heads ({h}) must be a multiple of the latent groups ({g})")
+
+
+def latent_attention(
+    q_latent: Tensor,
+    q_rope: Tensor,
+    latent: Tensor,
+    k_rope: Tensor,
+    mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+) -> Tensor:
+    """Multi-head latent attention with absorbed up-projections (DeepSeek's MLA, TransMLA), per head.
+
+    q_latent: (B, H, Sq, R), the queries already multiplied by the key
+    up-projection; q_rope: (B, H, Sq, Dr), the rotary part of the queries
+    (RoPE applied; Dr may be 0); latent: (B, G, Sk, R), the compressed KV
+    cache, G latent groups with H a multiple of G (usually G = 1); k_rope:
+    (B, G, Sk, Dr), the decoupled rotary key, shared by the heads of its
+    group. Query head h reads group g = h // (H // G)::
+
+        out_h = softmax((q_latent_h · latent_gᵀ + q_rope_h · k_rope_gᵀ) · scale + mask) · latent_g
+
+    The keys and the values are one tensor, the latent: this equals
+    ``attention(cat(q_latent, q_rope), cat(latent, k_rope), latent, mask,
+    scale, causal)``. ``scale`` defaults to 1/sqrt(R + Dr). ``mask`` and
+    ``causal`` mean what they mean for ``attention``: ``mask`` broadcasts to
+    (B, H, Sq, Sk), a float mask is added, a boolean mask keeps the positions
+    where it is True; ``causal`` masks key j > query i (top-left aligned). The
+    softmax is taken in at least float32; a query row whose every score is
+    -inf gives zeros. Returns (B, H, Sq, R) in q_latent's dtype, laid out as
+    (B, Sq, H, R) in memory, as ``attention``'s result is.
+    """
+    _check_latent(q_latent, q_rope, latent, k_rope)
+    b, h, sq, r = q_latent.shape
+    g, sk, dr = latent.shape[1], latent.shape[2], q_rope.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(r + dr)
+    wide = torch.promote_types(q_latent.dtype, torch.float32)  # at least float32
+    # The heads of a group as one block of (H/G)·Sq query rows against the group's latent: one GEMM per
+    # group, the latent neither repeated nor broadcast.
+    rows = h // g * sq
+    lat = latent.to(wide)
+    scores = q_latent.to(wide).reshape(b, g, rows, r) @ lat.transpose(-1, -2)
+    if dr:
+        scores = scores + q_rope.to(wide).reshape(b, g, rows, dr) @ k_rope.to(wide).transpose(-1, -2)
+    scores = scores.view(b, h, sq, sk) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if causal:
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q_latent.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    empty = scores.isneginf().all(-1, keepdim=True)  # also true of every row when Sk = 0
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    out = probs.view(b, g, rows, sk) @ lat
+    return _seq_major_empty(q_latent, (b, h, sq, r)).copy_(out.view(b, h, sq, r))  # one copy: layout and dtype
+
+
+torch.library.custom_op("fxfuse::latent_attention", latent_attention, mutates_args=())
+
+
+@torch.library.register_fake("fxfuse::latent_attention")
+def _(q_latent, q_rope, latent, k_rope, mask=None, scale=None, causal=False):
+    _check_latent(q_latent, q_rope, latent, k_rope)
+    return _seq_major_empty(q_latent, tuple(q_latent.shape))
 
 
 def _rms(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
@@ -369,6 +458,7 @@ def _(q, k, cos, sin, interleaved=False):
 
 OPS = {
     "attention": torch.ops.fxfuse.attention.default,
+    "latent_attention": torch.ops.fxfuse.latent_attention.default,
     "rms_norm": torch.ops.fxfuse.rms_norm.default,
     "add_rms_norm": torch.ops.fxfuse.add_rms_norm.default,
     "layer_norm": torch.ops.fxfuse.layer_norm.default,

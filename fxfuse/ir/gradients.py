@@ -4,8 +4,8 @@ With them a fused graph trains: eager autograd, AOT autograd and Inductor
 differentiate each dialect op as one node. Each formula is the exact
 derivative of the op's reference semantics (``fxfuse.ir.dialect``), computed
 in float32 (float64 inputs stay float64) and returned in each input's dtype.
-``attention``'s backward recomputes the probabilities (O(Sq·Sk) memory per
-head, like the math SDPA backward); the other ops' are elementwise or per row.
+``attention``'s and ``latent_attention``'s backward recompute the
+probabilities (O(Sq·Sk) memory per head, like the math SDPA backward); the other ops' are elementwise or per row.
 """
 
 from __future__ import annotations
@@ -100,6 +100,44 @@ def _sum_groups(grad: Tensor, kv_heads: int) -> Tensor:
     """The gradient of each key/value head: the sum over the query heads that read it."""
     b, h, s, d = grad.shape
     return grad.reshape(b, kv_heads, h // kv_heads, s, d).sum(2)
+
+
+# --- latent attention -------------------------------------------------------------------------------------
+
+_LATENT = ("q_latent", "q_rope", "latent", "k_rope", "mask", "scale", "causal")
+
+
+def _latent_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    _save(ctx, inputs, _LATENT)
+
+
+def _latent_attention_backward(ctx: Any, grad: Tensor) -> tuple:
+    q_latent, q_rope, latent, k_rope, mask, scale, causal = _saved(ctx, _LATENT)
+    heads, groups = q_latent.shape[1], latent.shape[1]
+    per_group = heads // groups
+    scale = 1.0 / math.sqrt(q_latent.shape[-1] + q_rope.shape[-1]) if scale is None else scale
+    ql, qr, g = _wide(q_latent), _wide(q_rope), _wide(grad)
+    lat, kr = _wide(latent).repeat_interleave(per_group, 1), _wide(k_rope).repeat_interleave(per_group, 1)
+
+    scores = (ql @ lat.transpose(-1, -2) + qr @ kr.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + _wide(mask)
+    if causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row of -inf only: the op gives zeros
+
+    d_probs = g @ lat.transpose(-1, -2)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
+    d_mask = None
+    if mask is not None and mask.is_floating_point() and ctx.needs_input_grad[4]:
+        d_mask = _sum_to(d_scores, mask)
+    d_scores = d_scores * scale
+    # The latent is both the keys' first part and the values: its gradient has both terms.
+    d_latent = _sum_groups(d_scores.transpose(-1, -2) @ ql + probs.transpose(-1, -2) @ g, groups)
+    d_k_rope = _sum_groups(d_scores.transpose(-1, -2) @ qr, groups)
+    return ((d_scores @ lat).to(q_latent.dtype), (d_scores @ kr).to(q_rope.dtype), d_latent.to(latent.dtype),
+            d_k_rope.to(k_rope.dtype), d_mask, None, None)
 
 
 # --- norms ------------------------------------------------------------------------------------------------
@@ -249,6 +287,7 @@ def _rope_backward(ctx: Any, grad_q: Optional[Tensor], grad_k: Optional[Tensor])
 
 _FORMULAS = {
     "attention": (_attention_backward, _attention_setup),
+    "latent_attention": (_latent_attention_backward, _latent_setup),
     "rms_norm": (_rms_norm_backward, _rms_setup),
     "add_rms_norm": (_add_rms_norm_backward, _add_rms_setup),
     "layer_norm": (_layer_norm_backward, _ln_setup),

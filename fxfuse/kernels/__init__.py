@@ -16,11 +16,12 @@ from fxfuse.kernels._config import INTERPRET, device_ok
 from fxfuse.kernels._template import AttentionVariant, compiled_variants, render, set_source_dir, source_dir
 from fxfuse.kernels.activations import gated_mlp_act, gelu
 from fxfuse.kernels.attention import alibi_slopes, attention, get_kernel
+from fxfuse.kernels.latent_attention import latent_attention
 from fxfuse.kernels.norms import layer_norm, rms_norm
 from fxfuse.kernels.rope import rope
 
 __all__ = [
     "INTERPRET", "AttentionVariant", "alibi_slopes", "attention", "compiled_variants", "device_ok",
-    "gated_mlp_act", "gelu", "get_kernel", "layer_norm", "render", "rms_norm", "rope", "set_source_dir",
-    "source_dir",
+    "gated_mlp_act", "gelu", "get_kernel", "latent_attention", "layer_norm", "render", "rms_norm", "rope",
+    "set_source_dir", "source_dir",
 ]

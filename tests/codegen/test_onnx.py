@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,65 @@ def test_attention_becomes_one_fused_op_and_matches(case, target, tmp_path):
     if kwargs.get("mask") == "rows":  # the padded query rows are zeros in PyTorch and in ONNX Runtime
         session = result.session()
         out = session.run(None, {"x": x.numpy(), "keep": keep.numpy()})[0]
+        assert (out[-1, -2:] == 0).all() and not (out[0] == 0).all()
+
+
+class LatentAttention(nn.Module):
+    """x (B, S, 32) → absorbed queries (R = 8), a rotary part (``rope`` dims) and ``groups`` latents
+    → fxfuse.latent_attention with the mask spelled by ``mask`` → (B, S, 4·8)."""
+
+    def __init__(self, groups=1, rope=4, mask="keys", causal=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.groups, self.rope, self.mask, self.causal = groups, rope, mask, causal
+        self.q = nn.Linear(32, 4 * (8 + rope))
+        self.kv = nn.Linear(32, groups * (8 + rope))
+
+    def forward(self, x, keep):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 4, 8 + self.rope).transpose(1, 2)
+        kv = self.kv(x).view(b, s, self.groups, 8 + self.rope).transpose(1, 2)
+        keep = keep.bool()
+        if self.mask == "keys":
+            mask = keep[:, None, None, :]
+        elif self.mask == "rows":  # padded query rows are fully masked → zeros
+            mask = keep[:, None, :, None] & keep[:, None, None, :]
+        else:  # additive, per head, -inf on padded keys
+            mask = (torch.arange(4, dtype=x.dtype)[None, :, None, None] * 0.1 + torch.zeros(b, 1, s, s)).masked_fill(
+                ~keep[:, None, None, :], float("-inf"))
+        out = ops.latent_attention(q[..., :8], q[..., 8:], kv[..., :8], kv[..., 8:], mask, 0.25, self.causal)
+        return out.transpose(1, 2).reshape(b, s, 32)
+
+
+LATENT_CASES = {
+    # name: (module kwargs, ORT op)
+    "one-latent-rope-causal": (dict(causal=True), "Attention"),
+    "one-latent-no-rope-padded-rows": (dict(rope=0, mask="rows"), MS + "GroupQueryAttention"),
+    "two-groups-float-heads": (dict(groups=2, mask="float-heads"), "Attention"),
+    "latent-per-head": (dict(groups=4, mask="rows", causal=True), MS + "MultiHeadAttention"),
+}
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+@pytest.mark.parametrize("case", list(LATENT_CASES))
+def test_latent_attention_becomes_one_attention_op_and_matches(case, target, tmp_path):
+    kwargs, ort_op = LATENT_CASES[case]
+    x, keep = torch.randn(2, 6, 32), _keep(2, 6)
+    result = _export(LatentAttention(**kwargs), tmp_path, target, x, keep)
+    assert result.ops.get(ort_op if target == "ort" else "Attention") == 1, result.ops
+    assert result.fully_fused and result.max_error < 1e-5
+    if target == "onnx":  # keys cat(latent, k_rope), values the latent itself: one tensor read as both
+        graph = onnx.load(str(result.path)).graph
+        producers = {out: n for n in graph.node for out in n.output}
+        (attn,) = [n for n in graph.node if n.op_type == "Attention"]
+        keys = producers[attn.input[1]]
+        if kwargs.get("rope", 4):
+            assert keys.op_type == "Concat" and keys.input[0] == attn.input[2]
+        else:
+            assert attn.input[1] == attn.input[2]
+    assert len(result.checks) == 3, result.checks
+    if kwargs.get("mask") == "rows":
+        out = result.session().run(None, {"x": x.numpy(), "keep": keep.numpy()})[0]
         assert (out[-1, -2:] == 0).all() and not (out[0] == 0).all()
 
 

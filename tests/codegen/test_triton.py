@@ -173,3 +173,46 @@ def test_attention_with_sinks_falls_back_to_the_reference_with_the_reason():
     with torch.no_grad():
         torch.testing.assert_close(opt(**example).last_hidden_state,
                                    model(**example, use_cache=False).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+class _LatentAttention(torch.nn.Module):
+    """x (B, S, 32) → 4 absorbed query heads (R = 16, Dr = 8) over ``groups`` latents → fxfuse.latent_attention."""
+
+    def __init__(self, groups=1, dtype=torch.float32):
+        super().__init__()
+        self.groups = groups
+        self.q = torch.nn.Linear(32, 4 * 24, dtype=dtype)
+        self.kv = torch.nn.Linear(32, groups * 24, dtype=dtype)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 4, 24).transpose(1, 2)
+        kv = self.kv(x).view(b, s, self.groups, 24).transpose(1, 2)
+        out = torch.ops.fxfuse.latent_attention(q[..., :16], q[..., 16:], kv[..., :16], kv[..., 16:], mask, 0.2, True)
+        return out.transpose(1, 2).reshape(b, s, 64)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_latent_attention_is_lowered_to_its_kernel(groups, caplog):
+    model = _LatentAttention(groups).eval().to(DEVICE)
+    x = torch.randn(2, 9, 32, device=DEVICE)
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=DEVICE)
+    keep[1, ..., 6:] = False  # padding
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        opt = fxfuse.optimize(model, (x, keep), backend="triton")
+    assert not opt.program.fallbacks and not [r for r in caplog.records if r.name == LOGGER]
+    assert opt.program.lowered == {"latent_attention": 1}
+    assert "fxfuse_triton_latent_attention" in opt.program.graph_module.code
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x, keep), model(x, keep), rtol=1e-4, atol=1e-4)
+
+
+def test_latent_attention_of_an_uncovered_dtype_falls_back(caplog):
+    model = _LatentAttention(dtype=torch.float64).eval()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        opt = fxfuse.optimize(model, (x, None), backend="triton")
+    assert [reason for _, reason in opt.program.fallbacks] == [
+        "dtype torch.float64 (the kernels take float16, bfloat16, float32)"]
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x, None), model(x, None))

@@ -307,6 +307,125 @@ def test_attention_property(B, Hkv, group, Sq, Sk, D, Dv, causal, mask_kind, sca
 
 
 # --------------------------------------------------------------------------
+# latent_attention
+# --------------------------------------------------------------------------
+
+
+def ref_latent_attention(q_latent, q_rope, latent, k_rope, mask=None, scale=None, causal=False):
+    """The docstring's per-head formula in float64, one head at a time; rows with no key → 0."""
+    B, H, Sq, R = q_latent.shape
+    G, Sk, Dr = latent.shape[1], latent.shape[2], q_rope.shape[-1]
+    scale = 1.0 / math.sqrt(R + Dr) if scale is None else scale
+    out = torch.zeros(B, H, Sq, R, dtype=torch.float64)
+    for h in range(H):
+        g = h // (H // G)
+        lat = latent[:, g].double()
+        rot = q_rope[:, h].double() @ k_rope[:, g].double().transpose(-1, -2)
+        s = (q_latent[:, h].double() @ lat.transpose(-1, -2) + rot) * scale
+        if mask is not None:
+            m = mask.expand(B, H, Sq, Sk)[:, h]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.double()
+        if causal:
+            s = s.masked_fill(torch.ones(Sq, Sk, dtype=torch.bool).triu(1), float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        out[:, h] = p @ lat
+    return out.to(q_latent.dtype)
+
+
+def _latent(B, H, G, Sq, Sk, R, Dr, seed=0, dtype=torch.float32):
+    return (rand(B, H, Sq, R, seed=seed, dtype=dtype), rand(B, H, Sq, Dr, seed=seed + 1, dtype=dtype),
+            rand(B, G, Sk, R, seed=seed + 2, dtype=dtype), rand(B, G, Sk, Dr, seed=seed + 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("H,G", [(1, 1), (4, 1), (4, 2), (3, 3)])
+@pytest.mark.parametrize("Sq,Sk,R,Dr", [(5, 7, 6, 3), (1, 9, 8, 0), (7, 4, 5, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_latent_attention_is_attention_on_the_concatenation(H, G, Sq, Sk, R, Dr, causal):
+    """The core identity: keys cat(latent, k_rope), values the latent itself, scale 1/sqrt(R + Dr)."""
+    ql, qr, lat, kr = _latent(2, H, G, Sq, Sk, R, Dr)
+    mask = rand(2, 1, Sq, Sk, seed=9)
+    out = ops.latent_attention(ql, qr, lat, kr, mask, None, causal)
+    assert out.shape == (2, H, Sq, R) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref_latent_attention(ql, qr, lat, kr, mask, causal=causal), **F32)
+    joined = ops.attention(torch.cat([ql, qr], -1), torch.cat([lat, kr], -1), lat, mask, 1 / math.sqrt(R + Dr), causal)
+    torch.testing.assert_close(out, joined, **F32)
+
+
+def test_latent_attention_group_mapping_and_rope_part_count():
+    """Head h reads group h // (H // G), not h % G; and the rotary scores are added, not ignored."""
+    ql, qr, lat, kr = _latent(1, 4, 2, 3, 6, 8, 4, seed=1)
+    out = ops.latent_attention(ql, qr, lat, kr)
+    torch.testing.assert_close(out, ref_latent_attention(ql, qr, lat, kr), **F32)
+    wrong_groups = ref_latent_attention(ql, qr, lat.repeat(1, 2, 1, 1), kr.repeat(1, 2, 1, 1))
+    assert not torch.allclose(out, wrong_groups, atol=1e-3)
+    no_rope = ref_latent_attention(ql, qr[..., :0], lat, kr[..., :0], scale=1 / math.sqrt(12))
+    assert not torch.allclose(out, no_rope, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [None, 0.1, 1.0])
+def test_latent_attention_scale(scale):
+    ql, qr, lat, kr = _latent(1, 2, 1, 4, 5, 6, 2, seed=2)
+    out = ops.latent_attention(ql, qr, lat, kr, None, scale)
+    torch.testing.assert_close(out, ref_latent_attention(ql, qr, lat, kr, scale=scale), **F32)
+    if scale is None:  # over R + Dr, not R alone
+        assert not torch.allclose(out, ref_latent_attention(ql, qr, lat, kr, scale=1 / math.sqrt(6)), atol=1e-4)
+
+
+@pytest.mark.parametrize("mshape", [(2, 1, 1, 6), (2, 4, 5, 6), (5, 6)])
+def test_latent_attention_masks_and_fully_masked_rows(mshape):
+    ql, qr, lat, kr = _latent(2, 4, 2, 5, 6, 8, 4, seed=3)
+    keep = _bool_mask(mshape, seed=4)
+    out = ops.latent_attention(ql, qr, lat, kr, keep)
+    torch.testing.assert_close(out, ref_latent_attention(ql, qr, lat, kr, keep), **F32)
+    fmask = torch.zeros(mshape).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(ops.latent_attention(ql, qr, lat, kr, fmask), out, **F32)
+    keep = keep.expand(*mshape[:-2], 5, 6).clone()
+    keep[..., -1, :] = False  # the last query row (of every batch / head) reaches no key
+    out = ops.latent_attention(ql, qr, lat, kr, keep, None, True)
+    assert not out.isnan().any() and (out[:, :, -1] == 0).all() and (out[:, :, 0] != 0).any()
+    torch.testing.assert_close(out, ref_latent_attention(ql, qr, lat, kr, keep, causal=True), **F32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_latent_attention_low_precision(dtype):
+    ql, qr, lat, kr = _latent(2, 4, 1, 3, 9, 16, 4, seed=5, dtype=dtype)
+    mask = rand(2, 1, 1, 9, seed=6, dtype=dtype)
+    out = ops.latent_attention(ql, qr, lat, kr, mask)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref_latent_attention(ql, qr, lat, kr, mask), **LOW[dtype])
+
+
+def test_latent_attention_without_keys_gives_zeros_and_without_queries_nothing():
+    ql, qr, lat, kr = _latent(1, 2, 1, 3, 0, 4, 2)
+    assert torch.equal(ops.latent_attention(ql, qr, lat, kr), torch.zeros(1, 2, 3, 4))
+    assert ops.latent_attention(*_latent(1, 2, 1, 0, 5, 4, 2)).shape == (1, 2, 0, 4)
+
+
+LATENT_ERRORS = {
+    "R mismatch": ((1, 4, 3, 8), (1, 4, 3, 2), (1, 1, 5, 6), (1, 1, 5, 2), r"latent dim R of q_latent \(8\) and latent \(6\)"),
+    "Dr mismatch": ((1, 4, 3, 8), (1, 4, 3, 2), (1, 1, 5, 8), (1, 1, 5, 3), r"rotary dim Dr of q_rope \(2\) and k_rope \(3\)"),
+    "heads not a multiple": ((1, 4, 3, 8), (1, 4, 3, 2), (1, 3, 5, 8), (1, 3, 5, 2), r"query heads \(4\) .* latent groups \(3\)"),
+    "3-D": ((4, 3, 8), (4, 3, 2), (1, 5, 8), (1, 5, 2), "4-D"),
+    "q_rope rows": ((1, 4, 3, 8), (1, 4, 2, 2), (1, 1, 5, 8), (1, 1, 5, 2), "q_rope.*query length"),
+    "k_rope keys": ((1, 4, 3, 8), (1, 4, 3, 2), (1, 1, 5, 8), (1, 1, 4, 2), "k_rope.*key length"),
+    "batch": ((2, 4, 3, 8), (2, 4, 3, 2), (1, 1, 5, 8), (1, 1, 5, 2), "batch sizes differ"),
+}
+
+
+@pytest.mark.parametrize("case", list(LATENT_ERRORS))
+def test_latent_attention_shape_errors_name_the_op(case):
+    *shapes, match = LATENT_ERRORS[case]
+    args = [rand(*s, seed=i) for i, s in enumerate(shapes)]
+    with pytest.raises(ValueError, match="fxfuse.latent_attention") as info:
+        ops.latent_attention(*args)
+    assert info.match(match)
+    mode = FakeTensorMode()
+    fargs = [mode.from_tensor(a) for a in args]
+    with mode, pytest.raises(ValueError, match=match):
+        ops.latent_attention(*fargs)
+
+
+# --------------------------------------------------------------------------
 # rms_norm / add_rms_norm
 # --------------------------------------------------------------------------
 
@@ -622,6 +741,8 @@ FAKE_CASES = {
         lambda: (*_qkv(1, 6, 3, 5, 4, 5), _bool_mask((1, 1, 5, 4), 0), 0.5, True),
     ),
     "attention-f16": ("attention", lambda: _qkv(1, 4, 2, 3, 6, 8, Dv=5, dtype=f16)),
+    "latent_attention-g2-mask": ("latent_attention", lambda: (*_latent(2, 4, 2, 3, 7, 8, 4), rand(2, 1, 1, 7), None, True)),
+    "latent_attention-dr0-bf16": ("latent_attention", lambda: _latent(1, 3, 1, 1, 6, 8, 0, dtype=bf16)),
     "rms_norm": ("rms_norm", lambda: (rand(2, 3, 7), rand(7, seed=1), 1e-6)),
     "rms_norm-noweight-bf16": ("rms_norm", lambda: (rand(2, 7, dtype=bf16), None, 1e-6)),
     "rms_norm-f16x-f32w": ("rms_norm", lambda: (rand(2, 7, dtype=f16), rand(7, seed=1), 1e-6)),
@@ -663,7 +784,7 @@ def test_fake_matches_real(case):
     assert len(fake) == len(real)
     for r, f in zip(real, fake):
         assert isinstance(f, torch._subclasses.fake_tensor.FakeTensor)
-        assert (tuple(f.shape), f.dtype) == (tuple(r.shape), r.dtype), case
+        assert (tuple(f.shape), f.stride(), f.dtype) == (tuple(r.shape), r.stride(), r.dtype), case
 
 
 def test_ops_registry_is_the_torch_ops():

@@ -58,6 +58,28 @@ def test_attention_fully_masked_row_has_zero_gradient():
     assert q.grad[:, :, 1].abs().max() == 0 and q.grad[:, :, 0].abs().max() > 0
 
 
+LATENT_CASES = {
+    "float mask": dict(mask=leaf(2, 1, 3, 5, seed=3)),
+    "causal, bool mask": dict(causal=True,
+                              mask=torch.rand(2, 1, 3, 5, generator=torch.Generator().manual_seed(4)) > 0.3),
+    "no rotary part, scale": dict(rope_dim=0, scale=0.3),
+}
+
+
+@pytest.mark.parametrize("case", LATENT_CASES)
+def test_latent_attention_gradcheck(case):
+    kw = dict(LATENT_CASES[case])
+    dr = kw.pop("rope_dim", 3)
+    tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    others = {k: v for k, v in kw.items() if k not in tensors}
+
+    def f(ql, qr, lat, kr, *extra):
+        return OPS["latent_attention"](ql, qr, lat, kr, **others, **dict(zip(tensors, extra)))
+
+    assert gradcheck(f, (leaf(2, 4, 3, 6, seed=0), leaf(2, 4, 3, dr, seed=1), leaf(2, 2, 5, 6, seed=2),
+                         leaf(2, 2, 5, dr, seed=5), *tensors.values()))
+
+
 NORM_CASES = {
     "layer_norm": lambda: (leaf(3, 5, 8), leaf(8, seed=1), leaf(8, seed=2), 1e-5),
     "layer_norm no affine": lambda: (leaf(3, 5, 8), None, None, 1e-5),
@@ -109,6 +131,9 @@ REFERENCE_CASES = {
     "layer_norm": lambda d: (leaf(3, 5, 8, dtype=d), leaf(8, dtype=d, seed=1), leaf(8, dtype=d, seed=2), 1e-5),
     "attention": lambda d: (leaf(2, 4, 3, 6, dtype=d), leaf(2, 2, 5, 6, dtype=d, seed=1),
                             leaf(2, 2, 5, 6, dtype=d, seed=2), leaf(2, 1, 3, 5, dtype=d, seed=3)),
+    "latent_attention": lambda d: (leaf(2, 4, 3, 8, dtype=d), leaf(2, 4, 3, 4, dtype=d, seed=1),
+                                   leaf(2, 1, 5, 8, dtype=d, seed=2), leaf(2, 1, 5, 4, dtype=d, seed=3),
+                                   leaf(2, 1, 3, 5, dtype=d, seed=4), None, True),
     "attention sinks": lambda d: (leaf(2, 4, 3, 6, dtype=d), leaf(2, 2, 5, 6, dtype=d, seed=1),
                                   leaf(2, 2, 5, 6, dtype=d, seed=2), None, None, False, 3.0,
                                   leaf(4, 1, 1, dtype=d, seed=4)),
@@ -134,6 +159,10 @@ OPCHECK_CASES = {
     "attention seq-major q, sinks": (leaf(2, 3, 4, 8, dtype=torch.float32).transpose(1, 2),
                                      leaf(2, 2, 5, 8, dtype=torch.float32), leaf(2, 2, 5, 8, dtype=torch.float32),
                                      None, None, True, 3.0, leaf(4, 1, 1, dtype=torch.float32)),
+    "latent_attention seq-major q": (leaf(2, 3, 4, 8, dtype=torch.float32).transpose(1, 2),
+                                     leaf(2, 4, 3, 4, dtype=torch.float32), leaf(2, 2, 5, 8, dtype=torch.float32),
+                                     leaf(2, 2, 5, 4, dtype=torch.float32), leaf(2, 1, 3, 5, dtype=torch.float32),
+                                     None, True),
     "rms_norm": (leaf(3, 5, 8, dtype=torch.float32).transpose(0, 1), leaf(8, dtype=torch.float32), 1e-5),
     "add_rms_norm": (leaf(3, 5, 8, dtype=torch.float32), leaf(3, 5, 8, dtype=torch.float32), None, 1e-5),
     "layer_norm": (leaf(3, 5, 8, dtype=torch.float32), leaf(8, dtype=torch.float32), leaf(8, dtype=torch.float32),
@@ -158,6 +187,10 @@ def _layout_cases():
         for kw in ({}, dict(causal=True), dict(mask=leaf(2, 1, 5, 5, grad=False)), dict(softcap=5.0),
                    dict(sinks=leaf(4, 1, 1, grad=False))):
             yield f"attention {name} {sorted(kw)}", "attention", (qq, k, v), kw
+    lat, kr = leaf(2, 2, 5, 8, grad=False), leaf(2, 2, 5, 3, grad=False)
+    for name, qq in (("contiguous q", q), ("seq-major q", seq_major_q)):
+        for kw in ({}, dict(causal=True), dict(mask=leaf(2, 1, 5, 5, grad=False) > 0)):
+            yield f"latent_attention {name} {sorted(kw)}", "latent_attention", (qq, q[..., :3], lat, kr), kw
     w = leaf(8, grad=False)
     for name, x in (("contiguous", leaf(3, 5, 8, grad=False)), ("transposed", leaf(3, 5, 8, grad=False).transpose(0, 1)),
                     ("strided", leaf(3, 5, 16, grad=False)[..., ::2])):

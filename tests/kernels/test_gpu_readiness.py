@@ -4,7 +4,8 @@ One compile run per module (about a minute on 2 cores): the base attention
 variant at head dim 128 in float16 with the prefill configs the pruning keeps
 and the first it drops for registers, the deepest prefill pipeline at head dim
 256 (dropped for shared memory), one split-KV decode config, the split
-reduction and each norm, rope and activation kernel once, for both targets.
+reduction, DeepSeek-V3's latent attention decoding step and each norm, rope and
+activation kernel once, for both targets.
 Independent of TRITON_INTERPRET: the compiles run in worker processes with
 the interpreter off, and the plan reads the launchers' full config lists.
 """
@@ -33,8 +34,8 @@ def results(ready):
 def test_the_quick_set_covers_every_kernel(ready):
     jobs = ready.plan(quick=True)
     families = {j.family for j in jobs}
-    assert families == {"attn-prefill", "attn-decode", "split-reduce", "rms_norm", "layer_norm", "rope",
-                        "gated_act", "gelu"}
+    assert families == {"attn-prefill", "attn-decode", "latent-attn", "split-reduce", "rms_norm", "layer_norm",
+                        "rope", "gated_act", "gelu"}
     for target in ready.TARGETS:
         prefill = [j for j in jobs if j.target == target and j.family == "attn-prefill"]
         assert sum(j.pruned is None for j in prefill) >= 4
