@@ -20,7 +20,8 @@ from fxfuse.compress.checkpoint import rebuild, save_pretrained
 from fxfuse.compress.drop import drop_branches
 from fxfuse.compress.heads import check_tp_degree, choose_heads, find_heads, head_scores, prune_heads, refit_outputs
 from fxfuse.compress.kv_heads import Grouping, Method, merge_kv_heads
-from fxfuse.compress.latent import LatentMethod, latent_rotary_dims, refit_latent_outputs, to_latent
+from fxfuse.compress.latent import (LatentMethod, fit_statistics, latent_rotary_dims, refit_latent_outputs,
+                                   rope_candidates, to_latent)
 from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
 from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
@@ -187,8 +188,9 @@ def compress(
     the output projections are then refitted as after head pruning.
     ``latent_kv`` (a fraction of the KV-cache bytes per token, below 1) rewrites
     every attention op as multi-head latent attention (:mod:`fxfuse.compress.latent`):
-    a decoupled rotary key of ``rope_dims`` (default: a quarter of the budget)
-    plus a latent of the rest, fitted on the calibration tokens
+    a decoupled rotary key of ``rope_dims`` (by default the size from 1/8 to 1/2
+    of the budget with the best quality on ``score_batches`` calibration
+    batches) plus a latent of the rest, fitted on the calibration tokens
     (``fit="activation"``) or on the weights alone (``"svd"``, X-EcoMLA's
     initialisation); with ``repair``, the output projections are refitted.
     Quality is perplexity for a language model (loss = relative rise) or the
@@ -238,7 +240,7 @@ def compress(
         return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
     if unit == "latent_kv":
         report, current = _compress_latent(original, latent_kv, rope_dims, fit, repair, ridge, cal, held,
-                                           max_quality_loss, timer)
+                                           max_quality_loss, score_batches, timer)
         return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
     if unit == "heads":
         report, current = _compress_heads(original, heads, uniform, tp_degree, scorer, repair, ridge, cal, held,
@@ -366,8 +368,10 @@ def _compress_kv_heads(original: fx.GraphModule, kv_heads: int, merge: Method, g
 
 def _compress_latent(original: fx.GraphModule, fraction: float, rope_dims: Optional[int], fit: LatentMethod,
                      repair: bool, ridge: Optional[float], cal: list[Batch], held: list[Batch],
-                     budget: Optional[float], timer: "Timer") -> tuple[CompressReport, fx.GraphModule]:
-    """Rewrite every attention op as latent attention holding ``fraction`` of its KV bytes, in one step."""
+                     budget: Optional[float], score_batches: int,
+                     timer: "Timer") -> tuple[CompressReport, fx.GraphModule]:
+    """Rewrite every attention op as latent attention holding ``fraction`` of its KV bytes, in one step; without
+    ``rope_dims``, the split between rotary key and latent with the best quality on the calibration batches."""
     start = time.perf_counter()
     found = find_heads(original)
     if not found:
@@ -376,18 +380,31 @@ def _compress_latent(original: fx.GraphModule, fraction: float, rope_dims: Optio
     if len(sizes) != 1:
         raise InputError(f"the attention ops hold different KV sizes per token ({sorted(sizes)}); latent_kv needs one")
     numbers = int(fraction * sizes.pop())  # cache numbers per token and op: rope_dims + latent_dim
-    if rope_dims is None:
-        rope_dims = min(2 * round(numbers / 8), min(h.kv_heads * latent_rotary_dims(h) for h in found))
-    if numbers - rope_dims < 1:
+    most = min(h.kv_heads * latent_rotary_dims(h) for h in found)
+    candidates = [rope_dims] if rope_dims is not None else rope_candidates(numbers, most)
+    if not candidates or numbers - candidates[0] < 1:
         raise InputError(f"latent_kv={fraction:g} leaves {numbers} numbers per token and op, not more than "
                          f"rope_dims={rope_dims}; ask for a larger fraction or fewer rope_dims")
+    stats = fit_statistics(original, cal, fit)
+    tried, notes = {}, []
+    if len(candidates) > 1:  # the split is chosen on the calibration batches, not the held-out ones
+        scoring = Judge(original, cal[:score_batches])
+        for size in candidates:
+            tried[size] = to_latent(original, cal, size, numbers - size, fit, stats)
+        losses = {size: scoring.measure(m).loss_against(scoring.original) for size, m in tried.items()}
+        rope_dims = min(losses, key=losses.__getitem__)
+        notes.append("rotary key chosen on calibration batches: " +
+                     ", ".join(f"{size}: {loss:+.4g}" for size, loss in losses.items()))
+    else:
+        rope_dims = candidates[0]
     judge = Judge(original, held)
     report = CompressReport(unit="latent_kv", scorer=f"{fit} fit, rope_dims={rope_dims}", repair=repair,
                             original=judge.original, original_parameters=parameter_count(original),
                             original_kv_bytes_per_token=kv_bytes_per_token(original),
                             original_latency_ms=timer(original), budget=budget)
-    rewritten = to_latent(original, cal, rope_dims, numbers - rope_dims, fit)
-    notes = [f"every op: a rotary key of {rope_dims} and a latent of {numbers - rope_dims} per token"]
+    rewritten = tried[rope_dims] if rope_dims in tried else to_latent(original, cal, rope_dims, numbers - rope_dims,
+                                                                      fit, stats)
+    notes.append(f"every op: a rotary key of {rope_dims} and a latent of {numbers - rope_dims} per token")
     if repair:
         notes += refit_latent_outputs(original, rewritten, cal, ridge)
     step = _step(report, judge, timer, rewritten, (f"latent_kv={fraction:g}",), 0.0, notes, start, budget)
@@ -501,14 +518,14 @@ def parameter_count(gm: nn.Module) -> int:
 
 
 def kv_bytes_per_token(gm: fx.GraphModule) -> int:
-    """Bytes of K and V one token adds to a KV cache: over the graph's attention ops, Hkv·(Dk + Dv)·itemsize
-    (Hkv·Dk where the values are part of the keys, as in latent attention)."""
+    """Bytes of K and V one token adds to a KV cache: over the graph's attention ops, Hkv·(Dk + Dv)·itemsize,
+    and over its latent-attention ops, G·(R + Dr)·itemsize (the latent and the rotary key)."""
     total = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is OPS["attention"]:
             k, v = node.args[1].meta["val"], node.args[2].meta["val"]
-            # latent attention (fxfuse.compress.latent) reads its values as the leading part of its keys
-            shared = node.args[1] is node.args[2] or (node.args[1].target is torch.ops.aten.cat.default
-                                                      and node.args[2] in node.args[1].args[0])
-            total += k.shape[1] * (k.shape[-1] + (0 if shared else v.shape[-1])) * k.element_size()
+            total += k.shape[1] * (k.shape[-1] + v.shape[-1]) * k.element_size()
+        elif node.op == "call_function" and node.target is OPS["latent_attention"]:
+            latent, rope = node.args[2].meta["val"], node.args[3].meta["val"]
+            total += latent.shape[1] * (latent.shape[-1] + rope.shape[-1]) * latent.element_size()
     return total

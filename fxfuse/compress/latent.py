@@ -27,8 +27,9 @@ latent c (``latent_dim`` numbers) plus one decoupled rotary key r
 4. **Absorbed up-projections.** Keys and values are never expanded: query head
    h's position-free query is multiplied by its key up-projection (R numbers
    per head), and its value up-projection is folded into the output projection,
-   so attention runs on [c, r] as multi-query attention with c as the value:
-   ``attention(cat(q_c, q_r), cat(c, r), c)`` with the source's scale.
+   so attention runs on the cache itself: ``fxfuse.latent_attention(q_c, q_r,
+   c, r)`` (multi-query attention on [c, r] with c as the value) with the
+   source's scale.
 
 With ``rope_dims`` = Hkv × the rotary dims and ``latent_dim`` = the rank of
 the rest, the rewrite is exact (tested); smaller sizes trade quality for cache.
@@ -239,23 +240,16 @@ def check_sizes(h: Heads, rope_dims: int, latent_dim: int) -> None:
 
 
 def to_latent(gm: fx.GraphModule, data: list[Batch], rope_dims: int, latent_dim: int,
-              method: LatentMethod = "activation") -> fx.GraphModule:
+              method: LatentMethod = "activation",
+              stats: Optional[dict[str, Statistics]] = None) -> fx.GraphModule:
     """A copy of ``gm`` whose every attention op is latent attention with a ``rope_dims`` rotary key and a
     ``latent_dim`` latent (the cache per token: ``rope_dims + latent_dim`` numbers per op), fitted on
-    ``data`` (``method="activation"``) or on the weights alone (``"svd"``)."""
+    ``data`` (``method="activation"``) or on the weights alone (``"svd"``); ``stats``: those of
+    :func:`fit_statistics`, when several sizes are tried."""
     found = find_heads(gm)
-    if not found:
-        raise InputError("the graph has no attention op whose heads can be rewritten")
-    if method not in ("activation", "svd"):
-        raise InputError(f"latent method must be 'activation' or 'svd', not {method!r}")
     for h in found:
         check_sizes(h, rope_dims, latent_dim)
-        if not (h.q.args[0] is h.k.args[0] is h.v.args[0]):
-            raise InputError(f"{h.name}: its q, k and v projections read different inputs (cross-attention); "
-                             "only self-attention can share one latent")
-    stats = {h.name: weight_statistics(gm, h) for h in found}
-    if method == "activation":
-        stats = {name: _floored(s, stats[name]) for name, s in statistics(gm, found, data).items()}
+    stats = stats if stats is not None else fit_statistics(gm, data, method)
     plans = {h.name: plan_latent(gm, h, stats[h.name], rope_dims, latent_dim) for h in found}
     graph = copy.deepcopy(gm.graph)
     work = fx.GraphModule(gm, graph)
@@ -268,6 +262,33 @@ def to_latent(gm: fx.GraphModule, data: list[Batch], rope_dims: int, latent_dim:
     return result
 
 
+def fit_statistics(gm: fx.GraphModule, data: list[Batch], method: LatentMethod = "activation") -> dict[str, Statistics]:
+    """Per op, what the latent form is fitted to: calibration moments (floored by the weights') for
+    ``"activation"``, the weights' own for ``"svd"``; ``InputError`` for an op latent attention cannot take."""
+    found = find_heads(gm)
+    if not found:
+        raise InputError("the graph has no attention op whose heads can be rewritten")
+    if method not in ("activation", "svd"):
+        raise InputError(f"latent method must be 'activation' or 'svd', not {method!r}")
+    for h in found:
+        if (h.attention.args[6] if len(h.attention.args) > 6 else h.attention.kwargs.get("softcap")) is not None:
+            raise InputError(f"{h.name}: its scores are soft-capped (Gemma 2), which latent attention does not do")
+        if not (h.q.args[0] is h.k.args[0] is h.v.args[0]):
+            raise InputError(f"{h.name}: its q, k and v projections read different inputs (cross-attention); "
+                             "only self-attention can share one latent")
+    stats = {h.name: weight_statistics(gm, h) for h in found}
+    if method == "activation":
+        stats = {name: _floored(s, stats[name]) for name, s in statistics(gm, found, data).items()}
+    return stats
+
+
+def rope_candidates(numbers: int, most: int) -> list[int]:
+    """Rotary-key sizes worth trying for ``numbers`` cache numbers per token: 1/8 to 1/2 of them (even, at
+    most ``most``, leaving a latent of at least 1)."""
+    sizes = {min(2 * round(numbers * f / 2), most) for f in (1 / 8, 1 / 4, 3 / 8, 1 / 2)}
+    return sorted(s for s in sizes if numbers - s >= 1)
+
+
 def _rewrite(gm: fx.GraphModule, h: Heads, plan: Latent, prefix: str) -> None:
     """Replace op ``h`` (its projections, RoPE and attention) by the latent form ``plan``."""
     graph = gm.graph
@@ -277,7 +298,6 @@ def _rewrite(gm: fx.GraphModule, h: Heads, plan: Latent, prefix: str) -> None:
     scale = old.args[4] if len(old.args) > 4 else old.kwargs.get("scale")
     scale = scale if scale is not None else 1.0 / math.sqrt(h.head_dim)
     causal = old.args[5] if len(old.args) > 5 else old.kwargs.get("causal", False)
-    softcap = old.args[6] if len(old.args) > 6 else old.kwargs.get("softcap")
     mask = old.args[3] if len(old.args) > 3 else old.kwargs.get("mask")
 
     def parameter(name: str, value: Optional[Tensor]) -> Optional[fx.Node]:
@@ -296,23 +316,20 @@ def _rewrite(gm: fx.GraphModule, h: Heads, plan: Latent, prefix: str) -> None:
     with graph.inserting_before(old):
         latent = project("latent", plan.latent, 1)
         query = project("query_latent", plan.query_latent, h.q_heads)
-        key = latent
+        query_rope = project("query_rope", plan.query_rope, h.q_heads)
+        key_rope = project("rope_key", plan.rope_key, 1)
         if plan.rope_pairs:
-            cos, sin = h.rope.args[2], h.rope.args[3]
             rot, interleaved = _rotary(h)
             pairs = _pairs(rot, interleaved)
             index = torch.tensor([pairs[j][0] for j in plan.rope_pairs] + [pairs[j][1] for j in plan.rope_pairs])
             gm.register_buffer(f"{prefix}_rope_index", index)
             index_node = graph.get_attr(f"{prefix}_rope_index")
-            cos_kept = graph.call_function(aten.index_select.default, (cos, -1, index_node))
-            sin_kept = graph.call_function(aten.index_select.default, (sin, -1, index_node))
-            roped = graph.call_function(OPS["rope"], (project("query_rope", plan.query_rope, h.q_heads),
-                                                      project("rope_key", plan.rope_key, 1), cos_kept, sin_kept))
+            cos, sin = (graph.call_function(aten.index_select.default, (t, -1, index_node)) for t in h.rope.args[2:4])
+            roped = graph.call_function(OPS["rope"], (query_rope, key_rope, cos, sin))
             query_rope = graph.call_function(operator.getitem, (roped, 0))
             key_rope = graph.call_function(operator.getitem, (roped, 1))
-            query = graph.call_function(aten.cat.default, ([query, query_rope], -1))
-            key = graph.call_function(aten.cat.default, ([latent, key_rope], -1))
-        attention = graph.call_function(OPS["attention"], (query, key, latent, mask, scale, causal, softcap))
+        attention = graph.call_function(OPS["latent_attention"], (query, query_rope, latent, key_rope, mask, scale,
+                                                                  causal))
         merged = graph.call_function(aten.flatten.using_ints, (graph.call_function(aten.transpose.int,
                                                                                    (attention, 1, 2)), 2))
     with graph.inserting_before(h.out):

@@ -15,7 +15,7 @@ from tests.compress.test_compress import _deep_llama, _token_data, _zoo
 from tests.compress.test_kv_heads import D, _copy_heads, _max_error, _mha
 from tests.helpers import count
 
-ATTENTION = torch.ops.fxfuse.attention.default
+ATTENTION = torch.ops.fxfuse.latent_attention.default
 
 
 def _data(zoo, opt):
@@ -61,7 +61,11 @@ def test_compress_latent_kv_reports_the_cache_and_refits():
     plain = fxfuse.compress(model, cal, held_out=held, latent_kv=0.5, repair=False)
     (step,) = plain.compress_report.steps
     assert step.kv_bytes_per_token * 2 == plain.compress_report.original_kv_bytes_per_token
-    assert "rope_dims=4" in str(plain.compress_report)  # a quarter of the 16 numbers per token and op kept
+    # the rotary key's size is the one of 1/8 to 1/2 of the 16 numbers per token with the least calibration loss
+    (chosen,) = [n for n in step.repairs if n.startswith("rotary key chosen")]
+    losses = {int(size): float(loss) for size, loss in (part.split(": ") for part in chosen.split(": ", 1)[1].split(", "))}
+    assert sorted(losses) == [2, 4, 6, 8]
+    assert f"rope_dims={min(losses, key=losses.__getitem__)}" in plain.compress_report.scorer
     repaired = fxfuse.compress(model, cal, held_out=held, latent_kv=0.5)
     assert any("refit" in n for n in repaired.compress_report.steps[0].repairs)
     # the refit brings each op's output closer to the original op's on the calibration tokens
