@@ -2,6 +2,7 @@
 
     fxfuse export-onnx MODEL -o model.onnx [--target ort|onnx] [--batch 2 --seq 16] [--input NAME=SHAPE[:DTYPE]]…
     fxfuse compress MODEL_DIR --layers 3 --calibration texts.txt [--held-out other.txt] -o OUT_DIR
+    fxfuse compress MODEL_DIR --kv-heads 1 --calibration texts.txt -o OUT_DIR
 
 MODEL is a ``transformers`` model directory (loaded with ``AutoModel``) or a
 Python ``module:callable`` that returns an ``nn.Module`` (or a pair of the
@@ -115,10 +116,12 @@ def _compress(args: argparse.Namespace) -> int:
         lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         return tokenizer, lines
 
-    units = {"layers": args.layers, "attention_sublayers": args.attention_sublayers, "params": args.params}
+    units = {"layers": args.layers, "attention_sublayers": args.attention_sublayers, "params": args.params,
+             "kv_heads": args.kv_heads}
+    scorer = {} if args.kv_heads else {"scorer": args.scorer}  # merging KV heads scores nothing
     try:
         compressed = compress(model, texts(args.calibration), held_out=texts(args.held_out) if args.held_out else None,
-                              scorer=args.scorer, repair=not args.no_repair, max_quality_loss=args.max_quality_loss,
+                              repair=not args.no_repair, max_quality_loss=args.max_quality_loss, **scorer,
                               **{k: v for k, v in units.items() if v})
         print(compressed.compress_report)
         compressed.save_pretrained(args.output)
@@ -163,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "fraction of the parameters is left (0.8 = 80%%)")
     comp.add_argument("--attention-sublayers", type=int, default=0,
                       help="attention sublayers to remove (not expressible in a transformers config: reported only)")
+    comp.add_argument("--kv-heads", type=int, default=0,
+                      help="instead: merge every layer's key/value heads down to this many (aligned merge; the "
+                           "checkpoint has that num_key_value_heads)")
     comp.add_argument("--scorer", choices=["loss", "similarity"], default="loss")
     comp.add_argument("--no-repair", action="store_true", help="skip the closed-form repair")
     comp.add_argument("--max-quality-loss", type=float, help="stop before perplexity rises by more (0.1 = +10%%)")

@@ -122,6 +122,19 @@ def test_compress_writes_a_checkpoint_that_transformers_loads(tmp_path, capsys):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("w3 w5")["input_ids"] == [3, 5]
 
 
+def test_compress_merges_kv_heads_into_a_gqa_checkpoint(tmp_path, capsys):
+    import transformers
+
+    _, lines = _tiny_causal_lm_dir(tmp_path / "model")
+    (tmp_path / "cal.txt").write_text("\n".join(lines))
+    code = main(["compress", str(tmp_path / "model"), "--kv-heads", "1", "--calibration", str(tmp_path / "cal.txt"),
+                 "-o", str(tmp_path / "out")])
+    assert code == 0 and "aligned merge" in capsys.readouterr().out
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (reloaded.config.num_attention_heads, reloaded.config.num_key_value_heads) == (4, 1)
+    assert reloaded.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)
+
+
 def test_compress_of_sublayers_explains_why_there_is_no_checkpoint(tmp_path, capsys):
     _, lines = _tiny_causal_lm_dir(tmp_path / "model")
     (tmp_path / "cal.txt").write_text("\n".join(lines))

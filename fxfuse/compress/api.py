@@ -257,10 +257,7 @@ def compress(
 
     judge = Judge(original, held)
     scoring = Judge(original, cal[:score_batches]) if scorer == "loss" else None
-    report = CompressReport(unit=unit, scorer=scorer, repair=repair, original=judge.original,
-                            original_parameters=parameter_count(original),
-                            original_kv_bytes_per_token=kv_bytes_per_token(original),
-                            original_latency_ms=timer(original), budget=max_quality_loss)
+    report = _report(unit, scorer, repair, judge, original, timer, max_quality_loss)
     order = [b.name for b in branches]
     current, removed = original, set()
     for _ in range(count):
@@ -285,6 +282,15 @@ def compress(
     if target is not None and not target.met(current, original) and all(s.accepted for s in report.steps):
         report.notes.append(f"{target} is not reached by removing {unit} alone: every one of them was removed")
     return CompressedModule(_finish(current, optimized), report, None if model is optimized else model)
+
+
+def _report(unit: str, scorer: str, repair: bool, judge: Judge, original: fx.GraphModule, timer: "Timer",
+            budget: Optional[float]) -> CompressReport:
+    """An empty report of compressing ``original``, with its quality (``judge``), size and latency."""
+    return CompressReport(unit=unit, scorer=scorer, repair=repair, original=judge.original,
+                          original_parameters=parameter_count(original),
+                          original_kv_bytes_per_token=kv_bytes_per_token(original), original_latency_ms=timer(original),
+                          budget=budget)
 
 
 def _step(report: CompressReport, judge: Judge, timer: "Timer", trial: fx.GraphModule, removed: tuple[str, ...],
@@ -316,10 +322,7 @@ def _compress_heads(original: fx.GraphModule, heads: float, uniform: bool, tp_de
     scorer = scorer or ("gradient" if judge.language_model else "activation")
     scoring = Judge(original, cal[:score_batches]) if scorer in ("loss", "greedy") else None
     scores = head_scores(original, found, cal, scorer, scoring, greedy=count if scorer == "greedy" else 0)
-    report = CompressReport(unit="heads", scorer=scorer, repair=repair, original=judge.original,
-                            original_parameters=parameter_count(original),
-                            original_kv_bytes_per_token=kv_bytes_per_token(original),
-                            original_latency_ms=timer(original), budget=budget)
+    report = _report("heads", scorer, repair, judge, original, timer, budget)
     current, accepted = original, 0
     increments = [count] if budget is None else sorted({max(1, round(count * i / 4)) for i in range(1, 5)})
     previous: Optional[dict[str, list[int]]] = None
@@ -351,10 +354,7 @@ def _compress_kv_heads(original: fx.GraphModule, kv_heads: int, merge: Method, g
     """Merge every op's key/value heads down to ``kv_heads`` in one step, refit the output projections."""
     start = time.perf_counter()
     judge = Judge(original, held)
-    report = CompressReport(unit="kv_heads", scorer=f"{merge} merge, {grouping} groups", repair=repair,
-                            original=judge.original, original_parameters=parameter_count(original),
-                            original_kv_bytes_per_token=kv_bytes_per_token(original),
-                            original_latency_ms=timer(original), budget=budget)
+    report = _report("kv_heads", f"{merge} merge, {grouping} groups", repair, judge, original, timer, budget)
     merged, notes = merge_kv_heads(original, kv_heads, cal, merge, grouping, tp_degree)
     if repair:
         notes += refit_outputs(original, merged, [h.name for h in find_heads(merged)], cal, ridge)
@@ -398,10 +398,7 @@ def _compress_latent(original: fx.GraphModule, fraction: float, rope_dims: Optio
     else:
         rope_dims = candidates[0]
     judge = Judge(original, held)
-    report = CompressReport(unit="latent_kv", scorer=f"{fit} fit, rope_dims={rope_dims}", repair=repair,
-                            original=judge.original, original_parameters=parameter_count(original),
-                            original_kv_bytes_per_token=kv_bytes_per_token(original),
-                            original_latency_ms=timer(original), budget=budget)
+    report = _report("latent_kv", f"{fit} fit, rope_dims={rope_dims}", repair, judge, original, timer, budget)
     rewritten = tried[rope_dims] if rope_dims in tried else to_latent(original, cal, rope_dims, numbers - rope_dims,
                                                                       fit, stats)
     notes.append(f"every op: a rotary key of {rope_dims} and a latent of {numbers - rope_dims} per token")
