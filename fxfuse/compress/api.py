@@ -22,6 +22,7 @@ from fxfuse.compress.heads import check_tp_degree, choose_heads, find_heads, hea
 from fxfuse.compress.kv_heads import Grouping, Method, merge_kv_heads
 from fxfuse.compress.latent import (LatentMethod, fit_statistics, latent_rotary_dims, refit_latent_outputs,
                                    rope_candidates, to_latent)
+from fxfuse.compress.latent_cache import with_latent_attention
 from fxfuse.compress.quality import Judge, Quality
 from fxfuse.compress.repair import repair_gap
 from fxfuse.compress.structure import Branch, find_branches, find_layers, tag_branches
@@ -112,7 +113,11 @@ class CompressedModule(OptimizedModule):
     def to_transformers(self) -> nn.Module:
         """The compressed model as a ``transformers`` model of the source's class (what :meth:`save_pretrained`
         writes), in memory: ``generate()`` on it, or on ``torch.compile(it, backend="fxfuse")``, keeps a
-        cache of the compressed size (fewer layers or key/value heads)."""
+        cache of the compressed size (fewer layers or key/value heads). After ``latent_kv``, its attention
+        modules are :class:`~fxfuse.compress.latent_cache.LatentSelfAttention`, whose dynamic cache holds the
+        latent and the rotary key."""
+        if self.compress_report.unit == "latent_kv" and self.compress_report.accepted:
+            return with_latent_attention(self._transformers_source(), self.graph_module)
         return rebuild(self._transformers_source(), self.graph_module, self.compress_report.unit,
                        len(self.compress_report.accepted))
 
@@ -190,7 +195,7 @@ def compress(
     every attention op as multi-head latent attention (:mod:`fxfuse.compress.latent`):
     a decoupled rotary key of ``rope_dims`` (by default the size from 1/8 to 1/2
     of the budget with the best quality on ``score_batches`` calibration
-    batches) plus a latent of the rest, fitted on the calibration tokens
+    batches, fitted on the others) plus a latent of the rest, fitted on the calibration tokens
     (``fit="activation"``) or on the weights alone (``"svd"``, X-EcoMLA's
     initialisation); with ``repair``, the output projections are refitted.
     Quality is perplexity for a language model (loss = relative rise) or the
@@ -385,22 +390,22 @@ def _compress_latent(original: fx.GraphModule, fraction: float, rope_dims: Optio
     if not candidates or numbers - candidates[0] < 1:
         raise InputError(f"latent_kv={fraction:g} leaves {numbers} numbers per token and op, not more than "
                          f"rope_dims={rope_dims}; ask for a larger fraction or fewer rope_dims")
-    stats = fit_statistics(original, cal, fit)
-    tried, notes = {}, []
-    if len(candidates) > 1:  # the split is chosen on the calibration batches, not the held-out ones
+    notes = []
+    if len(candidates) > 1 and len(cal) > score_batches:
+        # The split is chosen on calibration batches the trial fits did not see (the held-out ones judge
+        # the result); the final fit then reads every calibration batch.
         scoring = Judge(original, cal[:score_batches])
-        for size in candidates:
-            tried[size] = to_latent(original, cal, size, numbers - size, fit, stats)
-        losses = {size: scoring.measure(m).loss_against(scoring.original) for size, m in tried.items()}
+        trial_stats = fit_statistics(original, cal[score_batches:], fit)
+        losses = {size: scoring.measure(to_latent(original, cal, size, numbers - size, fit, trial_stats))
+                  .loss_against(scoring.original) for size in candidates}
         rope_dims = min(losses, key=losses.__getitem__)
-        notes.append("rotary key chosen on calibration batches: " +
+        notes.append("rotary key chosen on calibration batches left out of its trial fits: " +
                      ", ".join(f"{size}: {loss:+.4g}" for size, loss in losses.items()))
     else:
-        rope_dims = candidates[0]
+        rope_dims = candidates[min(1, len(candidates) - 1)]  # a quarter, or the size asked for
     judge = Judge(original, held)
     report = _report("latent_kv", f"{fit} fit, rope_dims={rope_dims}", repair, judge, original, timer, budget)
-    rewritten = tried[rope_dims] if rope_dims in tried else to_latent(original, cal, rope_dims, numbers - rope_dims,
-                                                                      fit, stats)
+    rewritten = to_latent(original, cal, rope_dims, numbers - rope_dims, fit)
     notes.append(f"every op: a rotary key of {rope_dims} and a latent of {numbers - rope_dims} per token")
     if repair:
         notes += refit_latent_outputs(original, rewritten, cal, ridge)

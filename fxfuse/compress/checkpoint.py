@@ -40,6 +40,12 @@ def rebuild(source: nn.Module, graph_module: nn.Module, unit: str, removed: int)
         raise InputError(f"save_pretrained needs a Hugging Face transformers model; the compressed model came "
                          f"from a {type(source).__name__}")
     held = {**dict(graph_module.named_parameters()), **dict(graph_module.named_buffers())}
+    if unit == "latent_kv" and removed:
+        raise InputError(
+            "latent attention has no transformers config that computes the same function: DeepSeek-V3's (the MLA "
+            "form transformers has) normalizes the latent (kv_a_layernorm) and derives its rotary frequencies from "
+            "qk_rope_head_dim, while fxfuse's latent is not normalized and keeps a chosen subset of the source's "
+            "frequencies. Generate in process with compressed.to_transformers()")
     if unit in ("heads", "kv_heads"):
         new_config = _heads_config(config, graph_module)
         state = {name: held.get(name, value).detach().clone() for name, value in source.state_dict().items()}

@@ -253,8 +253,8 @@ def to_latent(gm: fx.GraphModule, data: list[Batch], rope_dims: int, latent_dim:
     plans = {h.name: plan_latent(gm, h, stats[h.name], rope_dims, latent_dim) for h in found}
     graph = copy.deepcopy(gm.graph)
     work = fx.GraphModule(gm, graph)
-    for index, h in enumerate(find_heads(work)):
-        _rewrite(work, h, plans[h.name], f"latent_{index}")
+    for h in find_heads(work):
+        _rewrite(work, h, plans[h.name])
     graph.eliminate_dead_code()
     _refresh_values(work)
     result = fx.GraphModule(work, graph)
@@ -289,8 +289,15 @@ def rope_candidates(numbers: int, most: int) -> list[int]:
     return sorted(s for s in sizes if numbers - s >= 1)
 
 
-def _rewrite(gm: fx.GraphModule, h: Heads, plan: Latent, prefix: str) -> None:
-    """Replace op ``h`` (its projections, RoPE and attention) by the latent form ``plan``."""
+def attention_module(h: Heads) -> str:
+    """The module path that holds op ``h``'s output projection (``model.layers.3.self_attn``), or "" (the
+    root) for a graph whose weights have no module path: the latent weights are stored there."""
+    return linear_weight(h.out).target.rpartition(".")[0].rpartition(".")[0]
+
+
+def _rewrite(gm: fx.GraphModule, h: Heads, plan: Latent) -> None:
+    """Replace op ``h`` (its projections, RoPE and attention) by the latent form ``plan``, whose weights are
+    stored as ``latent_*`` next to the source op's, in its attention module."""
     graph = gm.graph
     x = h.k.args[0]
     dtype = attr_of(gm, linear_weight(h.k).target).dtype
@@ -300,11 +307,15 @@ def _rewrite(gm: fx.GraphModule, h: Heads, plan: Latent, prefix: str) -> None:
     causal = old.args[5] if len(old.args) > 5 else old.kwargs.get("causal", False)
     mask = old.args[3] if len(old.args) > 3 else old.kwargs.get("mask")
 
+    path = attention_module(h)
+    owner = gm.get_submodule(path)
+    prefix = f"{path}.latent_" if path else "latent_"
+
     def parameter(name: str, value: Optional[Tensor]) -> Optional[fx.Node]:
         if value is None:
             return None
-        gm.register_parameter(f"{prefix}_{name}", torch.nn.Parameter(value.to(dtype).contiguous(), requires_grad=False))
-        return graph.get_attr(f"{prefix}_{name}")
+        owner.register_parameter(f"latent_{name}", torch.nn.Parameter(value.to(dtype).contiguous(), requires_grad=False))
+        return graph.get_attr(f"{prefix}{name}")
 
     def project(name: str, weights: tuple[Tensor, Optional[Tensor]], heads: int) -> fx.Node:
         """linear(x) as (B, heads, S, width)."""
@@ -322,8 +333,8 @@ def _rewrite(gm: fx.GraphModule, h: Heads, plan: Latent, prefix: str) -> None:
             rot, interleaved = _rotary(h)
             pairs = _pairs(rot, interleaved)
             index = torch.tensor([pairs[j][0] for j in plan.rope_pairs] + [pairs[j][1] for j in plan.rope_pairs])
-            gm.register_buffer(f"{prefix}_rope_index", index)
-            index_node = graph.get_attr(f"{prefix}_rope_index")
+            owner.register_buffer("latent_rope_index", index)
+            index_node = graph.get_attr(f"{prefix}rope_index")
             cos, sin = (graph.call_function(aten.index_select.default, (t, -1, index_node)) for t in h.rope.args[2:4])
             roped = graph.call_function(OPS["rope"], (query_rope, key_rope, cos, sin))
             query_rope = graph.call_function(operator.getitem, (roped, 0))
@@ -344,12 +355,9 @@ def latent_rotary_dims(h: Heads) -> int:
 
 
 def latent_outputs(gm: fx.GraphModule) -> list[fx.Node]:
-    """The output projections :func:`to_latent` wrote, in op order."""
-    found = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target.startswith("latent_") and node.target.endswith("_output_weight"):
-            found[int(node.target.split("_")[1])] = next(iter(node.users))
-    return [found[i] for i in sorted(found)]
+    """The output projections :func:`to_latent` wrote, in graph order."""
+    return [next(iter(node.users)) for node in gm.graph.nodes
+            if node.op == "get_attr" and node.target.rpartition(".")[2] == "latent_output_weight"]
 
 
 def refit_latent_outputs(original: fx.GraphModule, rewritten: fx.GraphModule, data: list[Batch],

@@ -82,6 +82,29 @@ def test_compress_latent_kv_reports_the_cache_and_refits():
     assert repaired(**held[0]).logits.shape == model(**held[0]).logits.shape
 
 
+def test_generation_reads_the_latent_cache_and_matches_the_compressed_module(tmp_path):
+    """``to_transformers().generate()`` keeps only latents and rotary keys (measured on the cache tensors: the
+    report's bytes per token) and gives the greedy tokens of a no-cache loop over the compressed module."""
+    model = _deep_llama(layers=2)
+    compressed = fxfuse.compress(model, _token_data(4), held_out=_token_data(2, seed=1), latent_kv=0.5)
+    rebuilt = compressed.to_transformers()
+    prompt = 1 + _token_data(1, batch=2, seq=12, seed=3)[0]["input_ids"] % 127  # no pad token (0) in it
+    rebuilt.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = rebuilt.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                               return_dict_in_generate=True, pad_token_id=0)
+        ids = prompt
+        for _ in range(8):
+            ids = torch.cat([ids, compressed(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences, ids)
+    cache = out.past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == 2 * cache.get_seq_length() * compressed.compress_report.steps[0].kv_bytes_per_token
+    assert held * 2 == 2 * cache.get_seq_length() * compressed.compress_report.original_kv_bytes_per_token
+    with pytest.raises(InputError, match="DeepSeek-V3"):
+        compressed.save_pretrained(tmp_path)
+
+
 def test_latent_kv_explains_bad_requests():
     model = _deep_llama(layers=2)
     cal = _token_data(2)
