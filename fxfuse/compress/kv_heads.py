@@ -210,9 +210,14 @@ def _value_merge(h: Heads, m: Moments, group: list[int], out_weight: Tensor) -> 
     """(Bᵢ, Qᵢ, residual) for the values of ``group``, weighted by the output-projection columns that read them."""
     dv = h.v_dim
     columns = out_weight.double().view(out_weight.shape[0], h.q_heads, dv)
-    metrics = [torch.einsum("ohd,ohe->de", columns[:, i * h.group:(i + 1) * h.group],
-                            columns[:, i * h.group:(i + 1) * h.group]) for i in group]
-    return _real_merge(_block(m.values, group, list(range(dv)), dv), metrics)
+    return _real_merge(_block(m.values, group, list(range(dv)), dv), [_reader_metric(columns, h, i) for i in group])
+
+
+def _reader_metric(columns: Tensor, h: Heads, kv_head: int) -> Tensor:
+    """(Dv, Dv): Σ W_o,hᵀ·W_o,h over the query heads h that read value head ``kv_head``; ``columns`` is the
+    output projection as (hidden, Hq, Dv)."""
+    heads = columns[:, kv_head * h.group:(kv_head + 1) * h.group]
+    return torch.einsum("ohd,ohe->de", heads, heads)
 
 
 def _mean_merge(group: list[int], d: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -231,10 +236,9 @@ def _energy(h: Heads, m: Moments, out_weight: Tensor) -> tuple[float, float]:
     columns = out_weight.double().view(out_weight.shape[0], h.q_heads, dv)
     keys = values = 1e-30
     for i in range(h.kv_heads):
-        heads = slice(i * h.group, (i + 1) * h.group)
-        keys += float((m.queries[heads].sum(0) * m.keys[i * d:(i + 1) * d, i * d:(i + 1) * d]).sum())
-        value_metric = torch.einsum("ohd,ohe->de", columns[:, heads], columns[:, heads])
-        values += float((value_metric * m.values[i * dv:(i + 1) * dv, i * dv:(i + 1) * dv]).sum())
+        keys += float((m.queries[i * h.group:(i + 1) * h.group].sum(0) * m.keys[i * d:(i + 1) * d, i * d:(i + 1) * d])
+                      .sum())
+        values += float((_reader_metric(columns, h, i) * m.values[i * dv:(i + 1) * dv, i * dv:(i + 1) * dv]).sum())
     return keys, values
 
 

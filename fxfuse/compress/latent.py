@@ -49,7 +49,7 @@ from torch import Tensor
 
 from fxfuse.compress.calibrate import Batch, observe, token_mask
 from fxfuse.compress.heads import Heads, _refresh_values, find_heads, refit_linears
-from fxfuse.compress.kv_heads import _pairs, _root, _rotary
+from fxfuse.compress.kv_heads import _multiply, _pairs, _reader_metric, _root, _rotary
 from fxfuse.compress.structure import linear_bias, linear_weight
 from fxfuse.errors import InputError
 from fxfuse.ir.dialect import OPS
@@ -138,11 +138,6 @@ def _complex(cov: Tensor, re: list[int], im: list[int]) -> Tensor:
     return torch.complex(a + b, ab - ab.T)
 
 
-def _multiply(c: complex) -> Tensor:
-    """The 2×2 map of row vectors (re, im) ↦ (re, im)·M that multiplies by the complex number ``c``."""
-    return torch.tensor([[c.real, c.imag], [-c.imag, c.real]], dtype=torch.float64)
-
-
 def plan_latent(gm: fx.GraphModule, h: Heads, stats: Statistics, rope_dims: int, latent_dim: int) -> Latent:
     """The :class:`Latent` form of op ``h`` with a rotary key of ``rope_dims`` and a latent of ``latent_dim``."""
     d, dv, g = h.head_dim, h.v_dim, h.group
@@ -182,8 +177,7 @@ def plan_latent(gm: fx.GraphModule, h: Heads, stats: Statistics, rope_dims: int,
     # 3. joint low-rank latent of [position-free keys, values], balanced, in the readers' metrics
     roots = [_root(q) for q in query_metric]
     columns = attr_of(gm, linear_weight(h.out).target).detach().double().view(-1, h.q_heads, dv)
-    value_roots = [_root(torch.einsum("ohd,ohe->de", columns[:, i * g:(i + 1) * g], columns[:, i * g:(i + 1) * g]))
-                   for i in range(h.kv_heads)]
+    value_roots = [_root(_reader_metric(columns, h, i)) for i in range(h.kv_heads)]
     key_white = rest @ torch.block_diag(*(r[0] for r in roots))
     value_white = torch.block_diag(*(r[0] for r in value_roots))
     k_cov, v_cov = stats.kv[:nk, :nk], stats.kv[nk:, nk:]
