@@ -199,7 +199,7 @@ def main() -> None:
 def render(ppl_rows: list[dict], bases: dict[str, float], minilm_rows: list[dict], mha_error: float,
            measured: dict[str, float], speed: dict[int, dict[str, float]], args: argparse.Namespace) -> str:
     lines = [
-        "# KV-cache compression: merged key/value heads",
+        "# KV-cache compression: merged key/value heads and latent attention",
         "",
         f"- date: {time.strftime('%Y-%m-%d')}; command: `python benchmarks/kv_compress.py`; total {args.total:.0f} s",
         f"- machine: {cpu_name()}, {platform.machine()}; python {platform.python_version()}, torch {torch.__version__}, "
