@@ -159,8 +159,8 @@ def test_generation_keeps_the_merged_cache_and_the_compressed_tokens():
 
 
 def test_kv_head_merging_explains_bad_requests():
-    model = _decoder()
     cal = _token_data(2)
+    model = fxfuse.optimize(_decoder(), example_kwargs=cal[0], backend="eager")  # captured once for every call
     with pytest.raises(InputError, match="divide them"):
         fxfuse.compress(model, cal, kv_heads=3)
     with pytest.raises(InputError, match="must be fewer"):

@@ -106,8 +106,8 @@ def test_generation_reads_the_latent_cache_and_matches_the_compressed_module(tmp
 
 
 def test_latent_kv_explains_bad_requests():
-    model = _deep_llama(layers=2)
     cal = _token_data(2)
+    model = fxfuse.optimize(_deep_llama(layers=2), example_kwargs=cal[0], backend="eager")  # captured once
     with pytest.raises(InputError, match="latent_kv= as a fraction"):
         fxfuse.compress(model, cal, latent_kv=1.5)
     with pytest.raises(InputError, match="rope_dims must be even"):
