@@ -2,7 +2,7 @@
 
 Run from the repository root (writes ``benchmarks/results/gpu-readiness.md``):
 
-    python benchmarks/gpu_readiness.py                # the covering set: ~490 compiles, 28 min on 2 shared cores
+    python benchmarks/gpu_readiness.py                # the covering set: ~550 compiles (the 30 latent-attention ones added since the last full run), about 30 min on 2 shared cores
     python benchmarks/gpu_readiness.py --quick        # the small set the test compiles
     python benchmarks/gpu_readiness.py --jobs 4 --out /tmp/ready.md --json /tmp/ready.json
     python benchmarks/gpu_readiness.py --reuse /tmp/ready.json   # recompile only jobs that changed
