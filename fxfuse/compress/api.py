@@ -363,12 +363,8 @@ def _compress_kv_heads(original: fx.GraphModule, kv_heads: int, merge: Method, g
     merged, notes = merge_kv_heads(original, kv_heads, cal, merge, grouping, tp_degree)
     if repair:
         notes += refit_outputs(original, merged, [h.name for h in find_heads(merged)], cal, ridge)
-    step = _step(report, judge, timer, merged, (f"kv_heads→{kv_heads}",), 0.0, notes, start, budget)
-    if not step.accepted:
-        report.notes.append(f"the budget ({budget:g}) refused merging to {kv_heads} key/value heads: it would lose "
-                            f"{step.quality_loss:.4g}; the model is returned unmerged")
-        return report, original
-    return report, merged
+    return _one_step(report, judge, timer, original, merged, f"kv_heads→{kv_heads}", notes, start, budget,
+                     f"merging to {kv_heads} key/value heads")
 
 
 def _compress_latent(original: fx.GraphModule, fraction: float, rope_dims: Optional[int], fit: LatentMethod,
@@ -409,12 +405,20 @@ def _compress_latent(original: fx.GraphModule, fraction: float, rope_dims: Optio
     notes.append(f"every op: a rotary key of {rope_dims} and a latent of {numbers - rope_dims} per token")
     if repair:
         notes += refit_latent_outputs(original, rewritten, cal, ridge)
-    step = _step(report, judge, timer, rewritten, (f"latent_kv={fraction:g}",), 0.0, notes, start, budget)
+    return _one_step(report, judge, timer, original, rewritten, f"latent_kv={fraction:g}", notes, start, budget,
+                     f"latent attention at {fraction:g} of the KV bytes")
+
+
+def _one_step(report: CompressReport, judge: Judge, timer: "Timer", original: fx.GraphModule,
+              trial: fx.GraphModule, removed: str, notes: list[str], start: float, budget: Optional[float],
+              what: str) -> tuple[CompressReport, fx.GraphModule]:
+    """Record a single-step rewrite (``trial``) and return it, or ``original`` when the budget refuses ``what``."""
+    step = _step(report, judge, timer, trial, (removed,), 0.0, notes, start, budget)
     if not step.accepted:
-        report.notes.append(f"the budget ({budget:g}) refused latent attention at {fraction:g} of the KV bytes: it "
-                            f"would lose {step.quality_loss:.4g}; the model is returned unchanged")
+        report.notes.append(f"the budget ({budget:g}) refused {what}: it would lose {step.quality_loss:.4g}; "
+                            f"the model is returned unchanged")
         return report, original
-    return report, rewritten
+    return report, trial
 
 
 @dataclass(frozen=True)
