@@ -159,13 +159,19 @@ def _real_merge(cov: Tensor, metrics: list[Tensor]) -> tuple[list[Tensor], list[
             float(evals[:-d].clamp_min(0).sum()))
 
 
+def _complex(cov: Tensor, re: list[int], im: list[int]) -> Tensor:
+    """E[conj(zᵢ)·zₗ] of the complex numbers zᵢ = x[re[i]] + i·x[im[i]], from the real second moment ``cov``."""
+    re_, im_ = torch.tensor(re), torch.tensor(im)
+    a, b = cov[re_][:, re_], cov[im_][:, im_]
+    ab = cov[re_][:, im_]
+    return torch.complex(a + b, ab - ab.T)
+
+
 def _complex_merge(cov: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, float]:
     """One rotary frequency pair of m heads merged into one complex number: ``cov`` the (2m, 2m) joint
     second moment of the heads' (real, imaginary) parts, ``weights`` (m,) what the scores see of each head.
     Returns (cᵢ, pᵢ, residual) with z̄ = Σ cᵢ·zᵢ and zᵢ ≈ pᵢ·z̄ (complex), the best rank-one fit."""
-    a, b = cov[0::2, 0::2], cov[1::2, 1::2]
-    ab = cov[0::2, 1::2]
-    hermitian = torch.complex(a + b, ab - ab.T)  # E[conj(zᵢ)·zₗ]
+    hermitian = _complex(cov, list(range(0, len(cov), 2)), list(range(1, len(cov), 2)))
     scale = weights.clamp_min(_EPSILON * float(weights.mean()) + 1e-30).sqrt()
     weighted = hermitian * scale[:, None] * scale[None, :]
     evals, evecs = torch.linalg.eigh(weighted)

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from fxfuse.compress.calibrate import Batch, observe, token_mask
 from fxfuse.compress.heads import Heads, _refresh_values, find_heads, refit_linears
-from fxfuse.compress.kv_heads import _multiply, _pairs, _reader_metric, _root, _rotary
+from fxfuse.compress.kv_heads import _complex, _multiply, _pairs, _reader_metric, _root, _rotary
 from fxfuse.compress.structure import linear_bias, linear_weight
 from fxfuse.errors import InputError
 from fxfuse.ir.dialect import OPS
@@ -128,14 +128,6 @@ def _stacked(gm: fx.GraphModule, linear: fx.Node) -> Tensor:
     column = attr_of(gm, bias.target).detach().double()[:, None] if bias is not None else \
         torch.zeros(len(weight), 1, dtype=torch.float64)
     return torch.cat([weight, column], dim=1)
-
-
-def _complex(cov: Tensor, re: list[int], im: list[int]) -> Tensor:
-    """E[conj(zᵢ)·zₗ] of the complex numbers zᵢ = x[re[i]] + i·x[im[i]], from the real second moment ``cov``."""
-    re_, im_ = torch.tensor(re), torch.tensor(im)
-    a, b = cov[re_][:, re_], cov[im_][:, im_]
-    ab = cov[re_][:, im_]
-    return torch.complex(a + b, ab - ab.T)
 
 
 def plan_latent(gm: fx.GraphModule, h: Heads, stats: Statistics, rope_dims: int, latent_dim: int) -> Latent:
