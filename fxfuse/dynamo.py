@@ -21,9 +21,12 @@ backend
    every run and the random seed fixed, so dropout draws alike;
 3. lowers the fused graph: ``"eager"`` (the eager back end: oneDNN linears
    with fused epilogues when no gradient is needed, the dialect ops'
-   implementations), ``"inductor"`` (Inductor generates everything around the
-   dialect ops, which it calls as extern kernels and differentiates with
-   their registered formulas) or ``"triton"`` (fxfuse's kernels, on CUDA).
+   implementations), ``"inductor"`` (Inductor generates the loops of the
+   norms, rotary embeddings and activations from their reference forms and
+   everything around them, and calls SDPA for the attention) or ``"triton"``
+   (fxfuse's kernels, on CUDA). ``"auto"``, the default, takes Triton on
+   CUDA, and on the CPU Inductor for a model's decode step (see
+   :func:`~fxfuse.codegen.inductor.decode_step`) and the eager back end for every other graph.
 
 A graph the backend cannot handle runs as Dynamo gave it: the reason is
 logged on the ``fxfuse`` logger and kept in that graph's report, and the
@@ -48,8 +51,8 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxfuse.codegen import lower as lower_program
 from fxfuse.codegen import triton_available
+from fxfuse.codegen.inductor import compile_with_inductor, decode_step
 from fxfuse.errors import InputError, is_strict
-from fxfuse.ir.dialect import OPS, REFERENCE
 from fxfuse.ir.inputs import Probe, derive_probes
 from fxfuse.ir.numerics import compare
 from fxfuse.passes import DEFAULT_PIPELINE, PassManager, resolve
@@ -67,7 +70,9 @@ class Backend:
 
     ``passes`` names the pipeline (default: ``fxfuse.passes.DEFAULT_PIPELINE``);
     ``lower`` is "eager", "inductor", "triton", or "auto" (Triton for CUDA
-    graphs when Triton is installed, else eager); ``validate`` checks every
+    graphs when Triton is installed; on the CPU Inductor for a decode step,
+    :func:`~fxfuse.codegen.inductor.decode_step`, falling back to eager if Inductor fails, and eager
+    for the other graphs); ``validate`` checks every
     pass on the call's inputs and probes (a pass that fails is rolled back).
     ``reports`` holds one :class:`~fxfuse.report.Report` per compiled graph
     and ``graph_modules`` each fused graph (None where a graph ran unfused).
@@ -123,7 +128,7 @@ class Backend:
                 where = outcome.detail if not outcome.ok else "on another rank"
                 raise RuntimeError(f"the ATen graph does not reproduce Dynamo's graph: {where}")
             cases = [Probe("the call's inputs", inputs.real, {}, reference), *inputs.probes(gm)]
-        lowering = self._lowering(example_inputs)
+        lowering = self._lowering(example_inputs, aten_gm, report)
         report.backend = lowering
         # Every validation runs the whole graph: validate the lowered program once, and look for the pass at
         # fault (validating after each, on a fresh graph) only when it fails.
@@ -143,6 +148,7 @@ class Backend:
             program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, ranks, report)
         report.ops = count_dialect_ops(aten_gm)
         if failure is not None:  # the fused graph is right; its lowering is not
+            lowering = report.backend  # auto's Inductor may have fallen back to eager
             checked = PassResult(f"codegen-{lowering}", skipped=True, error=failure)
             report.passes.append(checked)
             report.lowered = {}
@@ -156,13 +162,22 @@ class Backend:
             program = OnInnerTensors(program)
         return (FloatGuard(program, gm.forward, floats, report.model) if floats else program), aten_gm
 
-    @staticmethod
-    def _lower(gm: fx.GraphModule, lowering: str, example_inputs: list[Any], cases: list[Probe], inputs: Inputs,
-               ranks: Ranks, report: Report) -> tuple[Callable, str | None]:
+    def _lower(self, gm: fx.GraphModule, lowering: str, example_inputs: list[Any], cases: list[Probe],
+               inputs: Inputs, ranks: Ranks, report: Report) -> tuple[Callable, str | None]:
         """The lowered program of ``gm`` and, when it differs from the reference on a case, why."""
+        program = None
         if lowering == "inductor":
-            program = compile_with_inductor(gm, flatten_subclasses(example_inputs))
-        else:
+            try:
+                program = compile_with_inductor(gm, flatten_subclasses(example_inputs))
+            except Exception as e:  # no C++ compiler, an op Inductor cannot lower: auto's choice falls back
+                from torch._dynamo.exc import RestartAnalysis
+
+                if self.lower != "auto" or isinstance(e, RestartAnalysis):  # Dynamo's signal, not a failure
+                    raise
+                report.notes.append(f"auto lowering: Inductor failed ({type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0][:200]}); lowered eagerly")
+                lowering = report.backend = "eager"
+        if program is None:
             program = lower_program(gm, lowering)
             report.lowered = program.lowered
         if not cases:
@@ -172,23 +187,16 @@ class Backend:
         report.max_error, report.validated_on = checked.max_error, checked.validated_on
         return program, None if failure is None else failure[1]
 
-    def _lowering(self, example_inputs: list[Any]) -> str:
+    def _lowering(self, example_inputs: list[Any], gm: fx.GraphModule, report: Report) -> str:
         if self.lower != "auto":
             return self.lower
-        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
-        return "triton" if on_cuda and triton_available() else "eager"
-
-
-def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
-    """``gm`` compiled by Inductor, which generates its own fused loops for the norms, the rotary embeddings
-    and the activations (their reference implementations are handed to it as decompositions: as opaque
-    extern calls they ran several ATen kernels each) and calls ``fxfuse.attention`` and
-    ``fxfuse.latent_attention`` as extern kernels."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
-    inlined = {op: REFERENCE[name] for name, op in OPS.items() if name not in ("attention", "latent_attention")}
-    return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **inlined})
+        if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+            return "triton" if triton_available() else "eager"
+        step = decode_step(gm)
+        if step is None:
+            return "eager"
+        report.notes.append(f"auto lowering: inductor, for a decode step ({step})")
+        return "inductor"
 
 
 def backend(passes: Sequence[str] | None = None, lower: Literal["auto", "eager", "inductor", "triton"] = "auto",

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import fxfuse
+import fxfuse.codegen.inductor as inductor_codegen
 import fxfuse.dynamo as dynamo
 from fxfuse.errors import strict
 from fxfuse.ir.numerics import compare
@@ -166,11 +167,106 @@ def test_generate_with_a_static_cache(name, impl):
     assert torch.equal(tokens, expected)
     assert len(backend.reports) == 2
     assert all(r.ops["attention"] == spec.attention for r in backend.reports)
+    # A zoo model reads far less than DECODE_WEIGHT_BYTES a step: auto keeps its decode step eager.
+    assert [r.backend for r in backend.reports] == ["eager", "eager"]
     kv_heads = getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
     decode = backend.graph_modules[1]
     for node in decode.graph.find_nodes(op="call_function", target=torch.ops.fxfuse.attention.default):
         q, k = node.args[0].meta["val"], node.args[1].meta["val"]
         assert q.shape[2] == 1 and k.shape[1] == kv_heads
+
+
+def test_auto_hands_decode_steps_to_inductor(monkeypatch):
+    """A left-padded batch of two: the prefill (24 rows) is lowered eagerly, the decode step (2 rows) by
+    Inductor, whose generated code calls SDPA itself, on the padded mask, instead of fxfuse.attention's
+    Python implementation; the tokens equal the uncompiled model's."""
+    from torch.profiler import profile
+
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)  # the zoo's models are tiny
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(LLAMA.config(), attn_implementation="sdpa").eval()
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                    pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        backend = fxfuse.backend()
+        model.forward = torch.compile(model.forward, backend=backend)
+        tokens = model.generate(ids, **settings)
+        with profile() as trace:
+            model.generate(ids, **settings)
+    assert torch.equal(tokens, expected)
+    assert [r.backend for r in backend.reports] == ["eager", "inductor"]
+    assert "decode step (GEMMs of at most 2 rows" in backend.reports[1].notes[-1]
+    assert backend.reports[1].ops["attention"] == LLAMA.attention
+    calls = {e.key: e.count for e in trace.key_averages()}
+    decode_steps = settings["max_new_tokens"] - 1
+    assert "fxfuse::attention" not in calls  # the eager lowering calls its implementation without the dispatcher
+    assert calls["aten::_scaled_dot_product_flash_attention_for_cpu"] == LLAMA.attention * (1 + decode_steps)
+
+
+def test_auto_falls_back_to_eager_when_inductor_fails_but_lets_dynamo_restart(monkeypatch):
+    """Inductor failing (no C++ compiler, say) costs auto's choice, not the fusion; Dynamo's own restart
+    signal (raised from inside Inductor) is not a failure and goes back to Dynamo, which traces again."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
+    model = LLAMA.build("sdpa")
+    inputs = _inputs(LLAMA, model, 1, 1)
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    real, calls = dynamo.compile_with_inductor, []
+
+    def failing(gm, example_inputs):
+        calls.append(len(calls))
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(dynamo, "compile_with_inductor", failing)
+    backend = fxfuse.backend()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(**inputs).last_hidden_state
+    assert calls == [0] and backend.reports[0].backend == "eager"
+    assert "Inductor failed (RuntimeError: no C++ compiler); lowered eagerly" in backend.reports[0].notes[-1]
+    assert compare(expected, out).ok
+
+    def restart_once(gm, example_inputs):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise TensorifyScalarRestartAnalysis()
+        return real(gm, example_inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(dynamo, "compile_with_inductor", restart_once)
+    backend = fxfuse.backend()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(**inputs).last_hidden_state
+    assert calls == [0, 1, 2] and backend.reports[-1].backend == "inductor"
+    assert compare(expected, out).ok
+
+
+def test_decode_step_needs_few_static_rows_and_many_weight_bytes(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    gm = torch.fx.GraphModule({}, torch.fx.Graph())
+    x, w = gm.graph.placeholder("x"), gm.graph.placeholder("w")
+    gm.graph.output(gm.graph.call_function(torch.ops.aten.linear.default, (x, w)))
+    weight = torch.empty(64, 32)
+    x.meta["val"], w.meta["val"] = torch.empty(2, 1, 32), weight
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", weight.numel() * 4)
+    assert inductor_codegen.decode_step(gm) == "GEMMs of at most 2 rows reading 0 MiB of weights"
+    x.meta["val"] = torch.empty(2, inductor_codegen.DECODE_ROWS, 32)  # 2·DECODE_ROWS rows: a prefill
+    assert inductor_codegen.decode_step(gm) is None
+    x.meta["val"] = torch.empty(1, 1, 32)
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", weight.numel() * 4 + 1)  # too few weights to matter
+    assert inductor_codegen.decode_step(gm) is None
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
+    dynamic = [DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC]  # one graph for every length
+    x.meta["val"] = FakeTensorMode(shape_env=ShapeEnv()).from_tensor(
+        torch.empty(1, 4, 32), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
+    assert inductor_codegen.decode_step(gm) is None
 
 
 @pytest.mark.parametrize("lower", ["eager", "inductor"])

@@ -5,8 +5,9 @@ implementation (registered with the op in ``fxfuse.ir.dialect``: SDPA,
 ``F.layer_norm`` and friends), and on the CPU runs linears through oneDNN
 with their activation epilogues fused. ``triton`` (``fxfuse.codegen.triton``) lowers
 each dialect op to an ``fxfuse.kernels`` launcher on CUDA tensors, with the
-reference implementation as the fallback. An ONNX back end is built on the
-same ops.
+reference implementation as the fallback. ``inductor``
+(``fxfuse.codegen.inductor``, for the ``torch.compile`` back end) hands a
+fused graph to Inductor. An ONNX back end is built on the same ops.
 """
 
 from __future__ import annotations

@@ -73,21 +73,29 @@ def attention(
     SDPA does (eager softmax gives NaN there). Returns (B, Hq, Sq, Dv) in q's
     dtype.
     """
+    if softcap is None and sinks is None:
+        mask, causal = _simplify_mask(mask, causal, q.shape[-2], k.shape[-2])
+    return _seq_major(traceable_attention(q, k, v, mask, scale, causal, softcap, sinks))
+
+
+def traceable_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+                        scale: Optional[float] = None, causal: bool = False, softcap: Optional[float] = None,
+                        sinks: Optional[Tensor] = None) -> Tensor:
+    """:func:`attention` without the steps a trace cannot take: the analysis of the mask's values (a mask
+    that keeps every score handed to SDPA as none) and the copy into the seq-major layout. The same
+    numbers; what Inductor traces for ``fxfuse.attention``, so that it calls SDPA itself."""
     _check_gqa(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if softcap is not None or sinks is not None:
-        return _seq_major(_explicit_attention(q, k, v, mask, scale, causal, softcap, sinks))
-    mask, causal = _simplify_mask(mask, causal, q.shape[-2], k.shape[-2])
+        return _explicit_attention(q, k, v, mask, scale, causal, softcap, sinks)
     if causal and mask is not None:
         # SDPA's math kernel refuses a mask together with is_causal: fold one into the other.
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
         causal = False
-    return _seq_major(F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    ))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _seq_major_empty(like: Tensor, shape: tuple) -> Tensor:

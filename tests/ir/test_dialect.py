@@ -846,3 +846,34 @@ def test_attention_sinks_add_to_each_rows_denominator(softcap, causal):
     torch.testing.assert_close(out, expected, **F32)
     without = ops.attention(q, k, v, mask, 0.5, causal, softcap)
     assert not torch.allclose(out, without, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["keep-all", "causal-mask", "padded-bool", "causal-only", "softcap", "sinks"])
+def test_traceable_attention_computes_what_attention_does(case):
+    """The form Inductor traces: the same numbers as the op on every kind of mask, under make_fx (no value
+    read), with SDPA in the trace where the op would run it and no mask analysis."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    B, Sq, Sk = 2, 5, 5
+    q, k, v = _qkv(B, 6, 2, Sq, Sk, 4, seed=21)
+    mask, causal, softcap, sinks = None, False, None, None
+    if case == "keep-all":
+        mask = torch.zeros(B, 1, Sq, Sk)
+    elif case == "causal-mask":
+        mask, causal = rand(B, 1, Sq, Sk, seed=22), True
+    elif case == "padded-bool":
+        mask = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
+        mask[0, ..., :2] = False
+    elif case == "causal-only":
+        causal = True
+    elif case == "softcap":
+        softcap = 2.0
+    else:
+        sinks = rand(1, 6, 1, 1, seed=23)
+    args = (q, k, v, mask, None, causal, softcap, sinks)
+    expected = ops.attention(*args)
+    traced = make_fx(dialect.traceable_attention, tracing_mode="fake")(*args)
+    targets = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    assert any("scaled_dot_product" in str(t) for t in targets) == (case not in ("softcap", "sinks"))
+    assert torch.ops.aten.all.default not in targets and torch.ops.aten.equal.default not in targets
+    torch.testing.assert_close(traced(*args), expected, **F32)

@@ -1,0 +1,71 @@
+"""Inductor back end: a fused graph compiled by Inductor.
+
+:func:`compile_with_inductor` hands Inductor the norms, rotary embeddings
+and activations as their reference forms, from which it generates its own
+fused loops (as opaque extern calls they ran several ATen kernels each);
+``fxfuse.attention`` as :func:`~fxfuse.ir.dialect.traceable_attention`, so
+that it calls SDPA itself (as an extern op, the attention's Python
+implementation cost LLaMA-style 100M 1–2 ms a decode step: 0.99–1.09× of
+Inductor's step time before, 0.93–0.95× after); and
+``fxfuse.latent_attention`` as an extern kernel. Its GEMMs stay Inductor's
+(ATen's, on the CPU): routing them to the eager back end's oneDNN kernels
+as extern ops was slower on the project's Xeon (50.8 against 48.5 ms for
+all-MiniLM-L6-v2 at 4 × 128, 440 against 419 ms for LLaMA-style 100M at
+1 × 512).
+
+:func:`decode_step` is how ``lower="auto"`` tells a model's decode step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from fxfuse.ir.dialect import OPS, REFERENCE, traceable_attention
+
+# A decode step of a real model: every GEMM sees at most DECODE_ROWS rows, known at compile time, and
+# together they read at least DECODE_WEIGHT_BYTES. There the eager back end's per-op dispatch (about 3,100
+# ATen calls a step against Inductor's 750) is a large share of the step, which runs once per token:
+# benchmarks/results/compile-cpu.md gives each way's decode step next to its GEMMs' time alone.
+DECODE_ROWS = 16
+DECODE_WEIGHT_BYTES = 32 * 2**20
+# Where a GEMM node's input rows and weight are among its arguments.
+_GEMMS = {torch.ops.aten.linear.default: (0, 1), torch.ops.aten.mm.default: (0, 1),
+          torch.ops.aten.addmm.default: (1, 2)}
+
+
+def _gemm_rows(gm: fx.GraphModule) -> tuple[list[Any], int]:
+    """Each GEMM's rows (an int, or a SymInt for a dynamic size) and the bytes of all their weights."""
+    rows, weight_bytes = [], 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _GEMMS:
+            continue
+        x, w = (node.args[i].meta.get("val") if isinstance(node.args[i], fx.Node) else None
+                for i in _GEMMS[node.target])
+        if isinstance(x, Tensor) and isinstance(w, Tensor) and x.dim() > 0:
+            rows.append(x.numel() // x.shape[-1])
+            weight_bytes += w.numel() * w.element_size()
+    return rows, weight_bytes
+
+
+def decode_step(gm: fx.GraphModule) -> Optional[str]:
+    """Why ``gm`` counts as a decode step (its rows and weight bytes), or None if it does not."""
+    rows, weight_bytes = _gemm_rows(gm)
+    if not rows or not all(isinstance(n, int) for n in rows):  # no GEMM, or one graph for every length
+        return None
+    if max(rows) > DECODE_ROWS or weight_bytes < DECODE_WEIGHT_BYTES:
+        return None
+    return f"GEMMs of at most {max(rows)} rows reading {weight_bytes / 2**20:.0f} MiB of weights"
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """``gm`` compiled by Inductor, with the dialect ops handed to it as the module's docstring says."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    inlined = {op: REFERENCE[name] for name, op in OPS.items() if name not in ("attention", "latent_attention")}
+    inlined[OPS["attention"]] = traceable_attention
+    return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **inlined})
