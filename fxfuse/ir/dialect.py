@@ -73,6 +73,7 @@ def attention(
     SDPA does (eager softmax gives NaN there). Returns (B, Hq, Sq, Dv) in q's
     dtype.
     """
+    _check_gqa(q, k, v)  # before the mask analysis reads q's and k's lengths
     if softcap is None and sinks is None:
         mask, causal = _simplify_mask(mask, causal, q.shape[-2], k.shape[-2])
     return _seq_major(traceable_attention(q, k, v, mask, scale, causal, softcap, sinks))
