@@ -102,7 +102,7 @@ class Backend:
 
             if is_strict() or isinstance(e, RestartAnalysis):  # Dynamo's own signal to trace the frame again
                 raise
-            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            reason = _first_line(e, 300)
             report.notes.append(f"ran unfused: {reason}")
             log.warning("fxfuse: graph %s runs unfused (%s)", report.model, reason)
             return gm.forward
@@ -174,8 +174,7 @@ class Backend:
 
                 if self.lower != "auto" or isinstance(e, RestartAnalysis):  # Dynamo's signal, not a failure
                     raise
-                report.notes.append(f"auto lowering: Inductor failed ({type(e).__name__}: "
-                                    f"{(str(e).strip().splitlines() or [''])[0][:200]}); lowered eagerly")
+                report.notes.append(f"auto lowering: Inductor failed ({_first_line(e, 200)}); lowered eagerly")
                 lowering = report.backend = "eager"
         if program is None:
             program = lower_program(gm, lowering)
@@ -434,6 +433,11 @@ def _is_model_state(node: fx.Node, example: Any) -> bool:
     name = source.name if source is not None else ""
     name = name() if callable(name) else name
     return "_buffers" in name or "_parameters" in name
+
+
+def _first_line(error: Exception, limit: int) -> str:
+    """``error``'s type and the first line of its message, cut at ``limit`` characters, for a report."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:limit]}"
 
 
 def _graph_name() -> str:

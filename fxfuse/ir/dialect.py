@@ -76,7 +76,7 @@ def attention(
     _check_gqa(q, k, v)  # before the mask analysis reads q's and k's lengths
     if softcap is None and sinks is None:
         mask, causal = _simplify_mask(mask, causal, q.shape[-2], k.shape[-2])
-    return _seq_major(traceable_attention(q, k, v, mask, scale, causal, softcap, sinks))
+    return _seq_major(_checked_attention(q, k, v, mask, scale, causal, softcap, sinks))
 
 
 def traceable_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
@@ -86,6 +86,12 @@ def traceable_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] 
     that keeps every score handed to SDPA as none) and the copy into the seq-major layout. The same
     numbers; what Inductor traces for ``fxfuse.attention``, so that it calls SDPA itself."""
     _check_gqa(q, k, v)
+    return _checked_attention(q, k, v, mask, scale, causal, softcap, sinks)
+
+
+def _checked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional[float],
+                       causal: bool, softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
+    """:func:`traceable_attention` on shapes already checked."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if softcap is not None or sinks is not None:
