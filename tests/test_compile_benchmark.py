@@ -65,8 +65,16 @@ def test_decode_gives_a_row_per_way_and_the_floor(bench, monkeypatch):
     rows = bench.decode("tiny", tiny_llama, 6, 3, 1, 5)
     assert [r["way"] for r in rows] == ["HF eager", "fxfuse", "its GEMMs alone (floor)"]
     assert all(r["same"] for r in rows[:2])  # greedy tokens equal HF eager's
-    assert all(r["step_ms"] > 0 for r in rows)
+    assert all(r["step_ms"] > 0 and r["step_faults"] >= 0 for r in rows)
     assert rows[1]["vs_inductor"][0] == pytest.approx(1.0)  # the second way is the base of the ratio
     text = bench.render([], rows, bench.argparse.Namespace(repeats=1, decode_repeats=1, step_repeats=5, threads=1,
                                                            prompt=6, new_tokens=3))
     assert text.count("| tiny | 6 + 3 |") == 3
+
+
+def test_every_way_reads_the_same_weights(bench):
+    model = tiny_llama()
+    twin = bench.same_weights(model)
+    assert twin is not model and twin.model.layers[0] is not model.model.layers[0]  # modules of its own to wrap
+    assert all(a is b for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(a is b for a, b in zip(model.buffers(), twin.buffers()))
