@@ -36,6 +36,7 @@ import argparse
 import copy
 import datetime
 import inspect
+import os
 import platform
 import random
 import resource
@@ -186,6 +187,7 @@ def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new
     steps = [lambda f=m.forward, c=c: rewind(c["kwargs"]) or f(*c["args"], **c["kwargs"])
              for m, c in zip(models, last_calls)]
     step_faults: list[list[int]] = []
+    process = process_state()
     step_times = rounds([*steps, gemm_floor(first_model, 1)], step_repeats, step_faults)
     for row, median, first, times, faults in zip(rows, medians, firsts, step_times, step_faults):
         row["step_ms"] = statistics.median(times) * 1e3
@@ -196,9 +198,17 @@ def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new
         row["compile"] = 0.0 if row["way"] == "HF eager" else first - median
     rows.append(dict(model=name, shape=f"{prompt_len} + {new_tokens}", way="its GEMMs alone (floor)",
                      step_ms=statistics.median(step_times[-1]) * 1e3, vs_inductor=paired(step_times[-1], step_times[1]),
-                     step_faults=statistics.median(step_faults[-1]),
+                     step_faults=statistics.median(step_faults[-1]), process=process,
                      spread=[q * 1e3 for q in statistics.quantiles(step_times[-1], n=10)[::8]]))
     return rows
+
+
+def process_state() -> str:
+    """This process's intra-op threads, OS threads, resident memory and page faults so far, for the record."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    os_threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else -1
+    return (f"{torch.get_num_threads()} intra-op threads, {os_threads} OS threads, peak resident memory "
+            f"{usage.ru_maxrss / 2**20:.1f} GiB, {usage.ru_minflt} minor page faults so far")
 
 
 def gemm_floor(model: torch.nn.Module, rows: int) -> Callable[[], None]:
@@ -215,14 +225,8 @@ def gemm_floor(model: torch.nn.Module, rows: int) -> Callable[[], None]:
 
 
 def same_weights(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters and buffers are ``model``'s own tensors.
-
-    Every way then reads its weights from the same memory. With a copy of the
-    weights per way, one way's decode steps could run 1.4x as long as in
-    another run of the same code (SmolLM2 after the prefill and LLaMA-style
-    runs: all three fxfuse ways, Inductor's not) while the GEMM floor on the
-    first copy stayed put: where a copy's pages land is not the way's doing.
-    """
+    """A copy of ``model`` whose parameters and buffers are ``model``'s own tensors: every way reads its
+    weights from the same memory, so where a copy's pages land favours no way."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo)
 
@@ -313,9 +317,11 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
         "| page faults a step | compile s | tokens equal HF eager's |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []
     for r in decode_rows:
         if "tokens_per_s" not in r:  # the GEMM floor
             low, high = r["spread"]
+            notes.append(f"- {r['model']}, at the decode-step rounds: {r['process']}")
             lines.append(f"| {r['model']} | {r['shape']} | {r['way']} | | | {r['step_ms']:.1f} "
                          f"(10th–90th percentile {low:.1f}–{high:.1f}) | {_paired(r['vs_inductor'])} | "
                          f"{r['step_faults']:.0f} | | |")
@@ -324,7 +330,7 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
                      f"{r['step_ms']:.1f} | {_paired(r['vs_inductor'])} | {r['step_faults']:.0f} | "
                      f"{r['compile']:.1f} | "
                      f"{'yes' if r['same'] else '**no**'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *notes]) + "\n"
 
 
 def _paired(ratio: tuple[float, float, float]) -> str:

@@ -70,6 +70,7 @@ def test_decode_gives_a_row_per_way_and_the_floor(bench, monkeypatch):
     text = bench.render([], rows, bench.argparse.Namespace(repeats=1, decode_repeats=1, step_repeats=5, threads=1,
                                                            prompt=6, new_tokens=3))
     assert text.count("| tiny | 6 + 3 |") == 3
+    assert f"- tiny, at the decode-step rounds: {torch.get_num_threads()} intra-op threads" in text
 
 
 def test_every_way_reads_the_same_weights(bench):
