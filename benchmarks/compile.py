@@ -174,10 +174,14 @@ def decode(name: str, build: Callable[[], torch.nn.Module], prompt_len: int, new
         last_calls.append({})
         model.forward = recording(wrap(own_code(model.forward)), last_calls[-1])
         calls.append(lambda m=model: m.generate(ids, **settings))
+        before = fxfuse.last_report()
         out, seconds = first_call(calls[-1])
         firsts.append(seconds)
         tokens = out if tokens is None else tokens
         rows.append(dict(model=name, shape=f"{prompt_len} + {new_tokens}", way=way, same=torch.equal(out, tokens)))
+        if fxfuse.last_report() is not before:  # an fxfuse way: what its decode graph (compiled last) became
+            report = fxfuse.last_report()
+            rows[-1]["decode_graph"] = f"lowered {report.backend}; notes: {'; '.join(report.notes) or 'none'}"
         print(f"  {name} decode {way}: first generate {seconds:.1f} s", flush=True)
     medians = [statistics.median(t) for t in rounds(calls, repeats)]
     # The decode step alone: each way's last forward call of its last generate() (a decode step at the end of
@@ -319,6 +323,8 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
     ]
     notes: list[str] = []
     for r in decode_rows:
+        if "decode_graph" in r:
+            notes.append(f"- {r['model']}, {r['way']}, its decode graph: {r['decode_graph']}")
         if "tokens_per_s" not in r:  # the GEMM floor
             low, high = r["spread"]
             notes.append(f"- {r['model']}, at the decode-step rounds: {r['process']}")

@@ -71,6 +71,7 @@ def test_decode_gives_a_row_per_way_and_the_floor(bench, monkeypatch):
                                                            prompt=6, new_tokens=3))
     assert text.count("| tiny | 6 + 3 |") == 3
     assert f"- tiny, at the decode-step rounds: {torch.get_num_threads()} intra-op threads" in text
+    assert "decode_graph" not in rows[0] and "- tiny, fxfuse, its decode graph: lowered eager; notes:" in text
 
 
 def test_every_way_reads_the_same_weights(bench):
