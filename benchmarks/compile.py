@@ -253,12 +253,9 @@ def own_code(method: Callable) -> Callable:
 
 
 def recording(forward: Callable, last: dict) -> Callable:
-    """``forward``, keeping its last call's arguments in ``last`` (generate() calls it once per token).
-
-    Tensors are kept as copies: generate() advances ``cache_position`` in place after the call."""
+    """``forward``, keeping its last call's arguments in ``last`` (generate() calls it once per token)."""
     def call(*args: Any, **kwargs: Any) -> Any:
-        last["args"], last["kwargs"] = args, {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                              for k, v in kwargs.items()}
+        last["args"], last["kwargs"] = args, kwargs
         return forward(*args, **kwargs)
 
     return call
