@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ from fxfuse.codegen import lower, resolve_backend
 from fxfuse.errors import InputError, is_strict
 from fxfuse.ir.capture import CaptureError, capture
 from fxfuse.ir.inputs import Probe, derive_probes, grown_sizes, input_name, standalone
-from fxfuse.ir.numerics import compare
+from fxfuse.ir.numerics import Float64Replay, compare
 from fxfuse.passes import PassManager, default_pipeline, resolve
 from fxfuse.passes.manager import NumericsError, PassResult, validate_on
 from fxfuse.report import Report, count_dialect_ops
@@ -174,7 +175,7 @@ def optimize(
     capture_seconds = time.perf_counter() - start
     gm, args, kwargs = captured.graph_module, captured.args, captured.kwargs
     notes = list(captured.notes)
-    reference, probes = None, []
+    reference, probes, float64 = None, [], None
     if validate:
         reference = captured.reference
         with torch.no_grad():
@@ -182,8 +183,12 @@ def optimize(
         if not outcome.ok:
             raise CaptureError(f"the captured graph does not reproduce the model: {outcome.detail}")
         probes = reference_probes(model, gm, args, kwargs, notes)
+        replay = Float64Replay(gm)  # the captured graph in float64, before any pass rewrites it
+        float64 = functools.partial(replay, *args, **kwargs)
+        for probe in probes:
+            probe.float64 = functools.partial(replay, *probe.args, **probe.kwargs)
     manager = PassManager(pipeline, validate=validate, on_failure=on_failure)
-    results = manager.run(gm, (args, kwargs), reference, probes=probes)
+    results = manager.run(gm, (args, kwargs), reference, probes=probes, float64=float64)
     report = Report(
         model=type(model).__name__,
         backend=chosen,
@@ -194,7 +199,7 @@ def optimize(
     )
     program = _lower(gm, chosen, report, on_failure)
     if validate:
-        cases = [Probe("example", args, kwargs, reference), *probes]
+        cases = [Probe("example", args, kwargs, reference, float64), *probes]
         checked = PassResult(f"codegen-{chosen}")
         failure = validate_on(program if program is not None else gm, cases, checked)
         report.max_error = checked.max_error

@@ -22,7 +22,7 @@ values, never per model):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import sympy
@@ -33,12 +33,28 @@ import torch.utils._pytree as pytree
 
 @dataclass
 class Probe:
-    """One input a graph is validated on: a label, the call's args and kwargs, and the model's outputs on it."""
+    """One input a graph is validated on: a label, the call's args and kwargs, and the model's outputs on it.
+
+    ``float64`` computes the model's outputs on it in float64 (a
+    :class:`~fxfuse.ir.numerics.Float64Replay` call), for judging where the
+    float32 reference itself strays: :meth:`exact`.
+    """
 
     label: str
     args: tuple
     kwargs: dict
     reference: Any = None
+    float64: Callable[[], Any] | None = None
+    _exact: Any = field(default=None, init=False, repr=False)
+
+    def exact(self) -> Any:
+        """The outputs in float64, computed on first use; None without ``float64`` or where it fails to run."""
+        if self._exact is None and self.float64 is not None:
+            try:
+                self._exact = self.float64()
+            except Exception:  # an op without a float64 kernel: the float32 reference alone judges
+                self.float64 = None
+        return self._exact
 
 
 _BATCH_GROWTH, _OTHER_GROWTH = 1, 3

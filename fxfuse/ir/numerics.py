@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
 # Allowed max |out - ref| relative to max |ref| (an output whose largest
@@ -20,6 +23,9 @@ TOLERANCE = {
     torch.bfloat16: 5e-2,
 }
 _SCALE_FLOOR = 1e-2
+# Against a float64 result (compare_exact): a rewrite may stray from it by twice the model's own error, plus the
+# tolerance; an input on which the model itself strays by more than _JUDGEABLE tolerances judges nothing.
+_OWN_ERROR_FACTOR, _JUDGEABLE = 2.0, 100.0
 
 
 @dataclass
@@ -77,3 +83,91 @@ def compare(reference: Any, actual: Any) -> Comparison:
         if not error <= tol:
             return Comparison(False, error, f"output {i} {tuple(ref.shape)}: relative error {error:.3g} > {tol:g}")
     return Comparison(True, worst)
+
+
+def compare_exact(reference: Any, actual: Any, exact: Any) -> Comparison:
+    """:func:`compare`, with a float64 result ``exact`` to judge by where ``actual`` strays from ``reference``.
+
+    On an ill-conditioned input (a real model's logits after a redrawn KV
+    cache) the model's own float32 result can stray from the exact one by
+    more than ``TOLERANCE``, and any reordering of its sums by as much: the
+    float32 reference then judges rounding, not the rewrite. Where
+    :func:`compare` fails on values alone, each floating output passes if
+    it is within ``TOLERANCE`` plus twice the reference's own error of
+    ``exact``, and the reference's own error is below 100 tolerances (else
+    the input cannot tell a rewrite from rounding, and the check fails).
+    On a pass, ``detail`` gives the reference's own worst error.
+    """
+    plain = compare(reference, actual)
+    if plain.ok or not math.isfinite(plain.max_error):  # shapes, dtypes, NaNs: no float64 result changes those
+        return plain
+    own_worst = 0.0
+    for i, (ref, act, ex) in enumerate(zip(_leaves(reference), _leaves(actual), _leaves(exact))):
+        if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
+            continue
+        if not isinstance(ex, torch.Tensor) or ex.shape != ref.shape:
+            return plain
+        ex64 = ex.detach().double().to(ref.device)
+        defined = torch.isfinite(ex64) & ~torch.isnan(ref.detach())
+        if not defined.any():
+            continue
+        ex64 = ex64[defined]
+        scale = max(ex64.abs().max().item(), _SCALE_FLOOR)
+        own = (ref.detach().double()[defined] - ex64).abs().max().item() / scale
+        error = (act.detach().double().to(ref.device)[defined] - ex64).abs().max().item() / scale
+        tol = TOLERANCE.get(ref.dtype, 1e-4)
+        shape = tuple(ref.shape)
+        if not own <= _JUDGEABLE * tol:
+            return Comparison(False, plain.max_error, f"{plain.detail}; the model's own {ref.dtype} result is "
+                              f"{own:.3g} from float64 on output {i} {shape}, too far to judge a rewrite by")
+        if not error <= tol + _OWN_ERROR_FACTOR * own:
+            return Comparison(False, plain.max_error, f"{plain.detail}; {error:.3g} from float64 on output {i} "
+                              f"{shape}, where the model itself is {own:.3g} from it")
+        own_worst = max(own_worst, own)
+    return Comparison(True, plain.max_error, f"judged against float64: the model itself is {own_worst:.2g} from it")
+
+
+class Float64Replay:
+    """A graph's computation replayed in float64: the exact result that :func:`compare_exact` judges by.
+
+    Takes a copy of ``gm``'s graph (later rewrites of ``gm`` do not reach it)
+    with every floating dtype argument made float64, and references to the
+    tensors it reads by ``get_attr``. A call runs it on float64 copies of
+    those tensors and of its floating arguments, with float64 as the default
+    dtype (submodules it calls, as an exported graph's guard function, run as
+    they are); it raises where an op has no float64 kernel.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.graph = copy.deepcopy(gm.graph)
+        self.attrs: dict[str, Any] = {}
+        for node in self.graph.nodes:
+            if node.op in ("get_attr", "call_module"):  # call_module: an exported graph's guard function
+                value = gm
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+                node.target = f"attr{len(self.attrs)}"
+                self.attrs[node.target] = value
+            node.args = fx.node.map_aggregate(node.args, _float64_dtype)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, _float64_dtype)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        root = torch.nn.Module()
+        for name, value in self.attrs.items():
+            setattr(root, name, value if isinstance(value, torch.nn.Module) else _float64(value))
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            with torch.no_grad():
+                return fx.GraphModule(root, self.graph)(*_float64(args), **_float64(kwargs))
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def _float64_dtype(value: Any) -> Any:
+    return torch.float64 if isinstance(value, torch.dtype) and value.is_floating_point else value
+
+
+def _float64(values: Any) -> Any:
+    return pytree.tree_map(lambda x: x.detach().to(torch.float64, copy=True)
+                           if isinstance(x, torch.Tensor) and x.is_floating_point() else x, values)

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from fxfuse.errors import FxfuseError, InputError, is_strict
 from fxfuse.ir.inputs import Probe
-from fxfuse.ir.numerics import compare
+from fxfuse.ir.numerics import compare, compare_exact
 from fxfuse.ir.verify import VerificationError, verify
 
 
@@ -141,15 +141,17 @@ class PassManager:
         reference: Any = None,
         *,
         probes: Sequence[Probe] = (),
+        float64: Callable[[], Any] | None = None,
     ) -> list[PassResult]:
         """Run every pass on ``gm`` in place; return one ``PassResult`` per pass.
 
-        ``example`` is ``(args, kwargs)`` with the model's outputs ``reference``;
+        ``example`` is ``(args, kwargs)`` with the model's outputs ``reference``
+        (and ``float64`` computing them in float64: :class:`~fxfuse.ir.inputs.Probe`);
         ``probes`` are further inputs with their reference outputs.
         """
         if self.validate and example is None:
             raise InputError("validate=True needs the example inputs and reference outputs")
-        cases = [] if example is None else [Probe("example", *example, reference), *probes]
+        cases = [] if example is None else [Probe("example", *example, reference, float64), *probes]
         results: list[PassResult] = []
         for name, pass_ in self.passes:
             snap = _snapshot(gm)
@@ -201,7 +203,10 @@ def validate_on(program: Callable, cases: Sequence[Probe], result: PassResult,
                 call: Call = plain_call) -> tuple[type[PassFailure], str] | None:
     """Run ``program`` on every case (through ``call``) and compare with its reference; the first failure, or None.
 
-    Records the worst error and the labels of the cases in ``result``.
+    Where the outputs differ by more than the tolerance and the case has a
+    float64 result, they are judged against it
+    (:func:`~fxfuse.ir.numerics.compare_exact`). Records the worst error
+    (against the float32 reference) and the labels of the cases in ``result``.
     """
     result.max_error = 0.0
     for case in cases:
@@ -211,8 +216,10 @@ def validate_on(program: Callable, cases: Sequence[Probe], result: PassResult,
         except Exception as e:
             return PassFailure, f"left a graph that fails to run on the {case.label} input: {type(e).__name__}: {e}"
         outcome = compare(case.reference, outputs)
+        if not outcome.ok and case.exact() is not None:
+            outcome = compare_exact(case.reference, outputs, case.exact())
         result.max_error = max(result.max_error, outcome.max_error)
         if not outcome.ok:
             return NumericsError, f"changed the model's outputs on the {case.label} input: {outcome.detail}"
-        result.validated_on.append(case.label)
+        result.validated_on.append(f"{case.label} ({outcome.detail})" if outcome.detail else case.label)
     return None
