@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import inspect
 import os
 import platform
@@ -253,7 +254,13 @@ def own_code(method: Callable) -> Callable:
 
 
 def recording(forward: Callable, last: dict) -> Callable:
-    """``forward``, keeping its last call's arguments in ``last`` (generate() calls it once per token)."""
+    """``forward``, keeping its last call's arguments in ``last`` (generate() calls it once per token).
+
+    It keeps ``forward``'s signature: generate() passes a forward that takes
+    ``**kwargs`` more inputs (a 4-D attention mask) than it passes a user's
+    compiled forward, so a bare wrapper would time another graph.
+    """
+    @functools.wraps(forward)
     def call(*args: Any, **kwargs: Any) -> Any:
         last["args"], last["kwargs"] = args, kwargs
         return forward(*args, **kwargs)

@@ -25,8 +25,12 @@ backend
    norms, rotary embeddings and activations from their reference forms and
    everything around them, and calls SDPA for the attention) or ``"triton"``
    (fxfuse's kernels, on CUDA). ``"auto"``, the default, takes Triton on
-   CUDA, and on the CPU Inductor for a model's decode step (see
-   :func:`~fxfuse.codegen.inductor.decode_step`) and the eager back end for every other graph.
+   CUDA, and on the CPU the eager back end, except for a model's decode step
+   (see :func:`~fxfuse.codegen.inductor.decode_step`), which it lowers both
+   ways and times on the call's inputs: which is faster depends on the
+   machine (on the project's Intel Xeon the eager back end's per-op dispatch
+   made it 1.25x Inductor's step; on its AMD EPYC, where oneDNN's one-row
+   GEMMs beat the ATen GEMMs Inductor calls, 0.7x).
 
 A graph the backend cannot handle runs as Dynamo gave it: the reason is
 logged on the ``fxfuse`` logger and kept in that graph's report, and the
@@ -54,7 +58,7 @@ from fxfuse.codegen import triton_available
 from fxfuse.codegen.inductor import compile_with_inductor, decode_step
 from fxfuse.errors import InputError, is_strict
 from fxfuse.ir.inputs import Probe, derive_probes
-from fxfuse.ir.numerics import compare
+from fxfuse.ir.numerics import Float64Replay, compare
 from fxfuse.passes import DEFAULT_PIPELINE, PassManager, resolve
 from fxfuse.passes.manager import PassResult, validate_on
 from fxfuse.report import Report, count_dialect_ops
@@ -127,7 +131,8 @@ class Backend:
             if ranks.any(not outcome.ok):
                 where = outcome.detail if not outcome.ok else "on another rank"
                 raise RuntimeError(f"the ATen graph does not reproduce Dynamo's graph: {where}")
-            cases = [Probe("the call's inputs", inputs.real, {}, reference), *inputs.probes(gm)]
+            cases = [Probe("the call's inputs", inputs.real, {}, reference, inputs.float64(gm, inputs.real)),
+                     *inputs.probes(gm)]
         lowering = self._lowering(example_inputs, aten_gm, report)
         report.backend = lowering
         # Every validation runs the whole graph: validate the lowered program once, and look for the pass at
@@ -144,7 +149,7 @@ class Backend:
             aten_gm = to_aten(specialized)
             manager = PassManager(self.pipeline, validate=True, on_failure="skip", call=inputs.call)
             report.passes = manager.run(aten_gm, (cases[0].args, cases[0].kwargs), cases[0].reference,
-                                        probes=cases[1:])
+                                        probes=cases[1:], float64=cases[0].float64)
             program, failure = self._lower(aten_gm, lowering, example_inputs, cases, inputs, ranks, report)
         report.ops = count_dialect_ops(aten_gm)
         if failure is not None:  # the fused graph is right; its lowering is not
@@ -176,6 +181,17 @@ class Backend:
                     raise
                 report.notes.append(f"auto lowering: Inductor failed ({_first_line(e, 200)}); lowered eagerly")
                 lowering = report.backend = "eager"
+            if program is not None and self.lower == "auto" and not ranks.together:
+                # Ranks running together must choose alike: they keep Inductor, untimed.
+                eager = lower_program(gm, "eager")
+                inductor_seconds, eager_seconds = step_seconds([program, eager], inputs)
+                faster = "inductor" if inductor_seconds <= eager_seconds else "eager"
+                report.notes.append(f"auto lowering: {faster}, the faster on the call's inputs (a call took "
+                                    f"{inductor_seconds * 1e3:.2f} ms with Inductor, {eager_seconds * 1e3:.2f} ms "
+                                    "with the eager back end)")
+                if faster == "eager":
+                    program, lowering = eager, "eager"
+                    report.backend, report.lowered = "eager", eager.lowered
         if program is None:
             program = lower_program(gm, lowering)
             report.lowered = program.lowered
@@ -194,8 +210,23 @@ class Backend:
         step = decode_step(gm)
         if step is None:
             return "eager"
-        report.notes.append(f"auto lowering: inductor, for a decode step ({step})")
+        report.notes.append(f"auto lowering: a decode step ({step}), lowered by Inductor and eagerly, and timed")
         return "inductor"
+
+
+def step_seconds(programs: Sequence[Callable], inputs: Inputs, rounds: int = 5) -> list[float]:
+    """The median seconds of a call of each of ``programs`` on the call's inputs, after a warm-up call each,
+    one call of every program per round: the host's speed drifts alike over all of them."""
+    times: list[list[float]] = [[] for _ in programs]
+    with torch.no_grad():
+        for program in programs:
+            inputs.call(program, inputs.real, {})
+        for _ in range(rounds):
+            for program, seconds in zip(programs, times):
+                start = time.perf_counter()
+                inputs.call(program, inputs.real, {})
+                seconds.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def backend(passes: Sequence[str] | None = None, lower: Literal["auto", "eager", "inductor", "triton"] = "auto",
@@ -386,6 +417,16 @@ class Inputs:
         self.real = tuple(_concrete(x) for x in example_inputs)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self.state = [_is_model_state(node, x) for node, x in zip(placeholders, example_inputs)]
+        self._replay: Float64Replay | None = None
+
+    def float64(self, gm: fx.GraphModule, args: tuple) -> Callable[[], Any]:
+        """Computes Dynamo's graph ``gm`` in float64 on ``args``, when called (for :class:`Probe`)."""
+        def run() -> Any:
+            if self._replay is None:
+                self._replay = Float64Replay(gm)
+            return self.call_dynamo(self._replay, args, {})
+
+        return run
 
     @staticmethod
     def call(program: Callable, args: tuple, kwargs: dict) -> Any:
@@ -412,6 +453,7 @@ class Inputs:
             probe.args = tuple(args)
             with torch.no_grad():
                 probe.reference = self.call_dynamo(gm, probe.args, {})
+            probe.float64 = self.float64(gm, probe.args)
             probes.append(probe)
         return probes
 

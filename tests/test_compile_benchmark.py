@@ -80,3 +80,21 @@ def test_every_way_reads_the_same_weights(bench):
     assert twin is not model and twin.model.layers[0] is not model.model.layers[0]  # modules of its own to wrap
     assert all(a is b for a, b in zip(model.parameters(), twin.parameters()))
     assert all(a is b for a, b in zip(model.buffers(), twin.buffers()))
+
+
+def test_recording_leaves_generate_passing_what_it_passes_the_model_itself(bench):
+    # generate() looks at forward's signature to choose its inputs; a wrapper taking **kwargs got a 4-D mask.
+    def shapes(kwargs):
+        return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in kwargs.items()}
+
+    ids = torch.randint(0, LLAMA.config().vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, cache_implementation="static",
+                    disable_compile=True)
+    plain, seen = tiny_llama(), {}
+    plain.register_forward_pre_hook(lambda module, args, kwargs: seen.update(shapes(kwargs)), with_kwargs=True)
+    recorded, last = tiny_llama(), {}
+    recorded.forward = bench.recording(recorded.forward, last)
+    with torch.no_grad():
+        plain.generate(ids, **settings)
+        recorded.generate(ids, **settings)
+    assert shapes(last["kwargs"]) == seen

@@ -4,6 +4,7 @@ generation with a static cache, training, and composition with Inductor."""
 from __future__ import annotations
 
 import inspect
+import time
 
 import pytest
 import torch
@@ -176,13 +177,14 @@ def test_generate_with_a_static_cache(name, impl):
         assert q.shape[2] == 1 and k.shape[1] == kv_heads
 
 
-def test_auto_hands_decode_steps_to_inductor(monkeypatch):
+def test_auto_hands_decode_steps_to_inductor_where_it_is_faster(monkeypatch):
     """A left-padded batch of two: the prefill (24 rows) is lowered eagerly, the decode step (2 rows) by
     Inductor, whose generated code calls SDPA itself, on the padded mask, instead of fxfuse.attention's
     Python implementation; the tokens equal the uncompiled model's."""
     from torch.profiler import profile
 
     monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)  # the zoo's models are tiny
+    monkeypatch.setattr(dynamo, "step_seconds", lambda programs, inputs: [0.001, 0.002])  # Inductor, eager
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(LLAMA.config(), attn_implementation="sdpa").eval()
     ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -199,12 +201,50 @@ def test_auto_hands_decode_steps_to_inductor(monkeypatch):
             model.generate(ids, **settings)
     assert torch.equal(tokens, expected)
     assert [r.backend for r in backend.reports] == ["eager", "inductor"]
-    assert "decode step (GEMMs of at most 2 rows" in backend.reports[1].notes[-1]
+    assert "decode step (GEMMs of at most 2 rows" in backend.reports[1].notes[-2]
+    assert "auto lowering: inductor, the faster on the call's inputs (a call took 1.00 ms with Inductor, 2.00 ms" \
+        in backend.reports[1].notes[-1]
     assert backend.reports[1].ops["attention"] == LLAMA.attention
     calls = {e.key: e.count for e in trace.key_averages()}
     decode_steps = settings["max_new_tokens"] - 1
     assert "fxfuse::attention" not in calls  # the eager lowering calls its implementation without the dispatcher
     assert calls["aten::_scaled_dot_product_flash_attention_for_cpu"] == LLAMA.attention * (1 + decode_steps)
+
+
+def test_auto_keeps_a_decode_step_eager_where_that_is_faster(monkeypatch):
+    """The same decode step, where the eager back end's call is the faster (the project's AMD EPYC, whose
+    oneDNN one-row GEMMs beat the ATen GEMMs Inductor calls): lowered eagerly, tokens unchanged."""
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(dynamo, "step_seconds", lambda programs, inputs: [0.003, 0.002])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(LLAMA.config(), attn_implementation="sdpa").eval()
+    ids = torch.randint(1, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        backend = fxfuse.backend()
+        model.forward = torch.compile(model.forward, backend=backend)
+        tokens = model.generate(ids, **settings)
+    assert torch.equal(tokens, expected)
+    assert [r.backend for r in backend.reports] == ["eager", "eager"]
+    assert "auto lowering: eager, the faster on the call's inputs" in backend.reports[1].notes[-1]
+    assert not any("is not used" in note for note in backend.reports[1].notes)  # the eager program runs
+
+
+def test_step_seconds_times_each_program_alike():
+    calls = {"fast": 0, "slow": 0}
+
+    def fast(*args):
+        calls["fast"] += 1
+
+    def slow(*args):
+        calls["slow"] += 1
+        time.sleep(0.005)
+
+    inputs = dynamo.Inputs(torch.fx.symbolic_trace(lambda x: x + 1), [torch.ones(2)])
+    fast_seconds, slow_seconds = dynamo.step_seconds([fast, slow], inputs, rounds=3)
+    assert slow_seconds >= 0.005 > fast_seconds
+    assert calls == {"fast": 4, "slow": 4}  # a warm-up call and one a round
 
 
 def test_auto_falls_back_to_eager_when_inductor_fails_but_lets_dynamo_restart(monkeypatch):
