@@ -25,7 +25,7 @@ within each round.
 Ways: the model as it is (*HF eager*); ``torch.compile`` with Inductor's
 defaults; Inductor with freezing (weights as constants: what lets it pack
 them for oneDNN); ``backend="fxfuse"`` with its default lowering ("auto":
-eager for prefill, Inductor for a decode step) and with each CPU lowering;
+eager for prefill; a decode step both ways, timed, the faster kept) and with each CPU lowering;
 and ``fxfuse.optimize()`` (prefill only: it captures ``use_cache=False``
 graphs, so ``generate()`` goes through the compile path).
 """

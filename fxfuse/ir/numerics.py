@@ -91,40 +91,44 @@ def compare_exact(reference: Any, actual: Any, exact: Any) -> Comparison:
     On an ill-conditioned input (a real model's logits after a redrawn KV
     cache) the model's own float32 result can stray from the exact one by
     more than ``TOLERANCE``, and any reordering of its sums by as much: the
-    float32 reference then judges rounding, not the rewrite. Where
-    :func:`compare` fails on values alone, each floating output passes if
-    it is within ``TOLERANCE`` plus twice the reference's own error of
-    ``exact``, and the reference's own error is below 100 tolerances (else
-    the input cannot tell a rewrite from rounding, and the check fails).
-    On a pass, ``detail`` gives the reference's own worst error.
+    float32 reference then judges rounding, not the rewrite. A floating
+    output that :func:`compare` fails on its values alone passes if it is
+    within ``TOLERANCE`` plus twice the reference's own error of ``exact``,
+    and the reference's own error is below 100 tolerances (else the input
+    cannot tell a rewrite from rounding, and the check fails). ``max_error``
+    stays the error against ``reference``; on a pass judged so, ``detail``
+    gives the reference's own worst error.
     """
     plain = compare(reference, actual)
     if plain.ok or not math.isfinite(plain.max_error):  # shapes, dtypes, NaNs: no float64 result changes those
         return plain
-    own_worst = 0.0
+    worst, own_worst = 0.0, 0.0
     for i, (ref, act, ex) in enumerate(zip(_leaves(reference), _leaves(actual), _leaves(exact))):
         if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
             continue
-        if not isinstance(ex, torch.Tensor) or ex.shape != ref.shape:
+        leaf = compare(ref, act)
+        worst = max(worst, leaf.max_error)
+        if leaf.ok:
+            continue
+        if not math.isfinite(leaf.max_error) or not isinstance(ex, torch.Tensor) or ex.shape != ref.shape:
             return plain
         ex64 = ex.detach().double().to(ref.device)
         defined = torch.isfinite(ex64) & ~torch.isnan(ref.detach())
         if not defined.any():
-            continue
+            return plain
         ex64 = ex64[defined]
         scale = max(ex64.abs().max().item(), _SCALE_FLOOR)
         own = (ref.detach().double()[defined] - ex64).abs().max().item() / scale
         error = (act.detach().double().to(ref.device)[defined] - ex64).abs().max().item() / scale
-        tol = TOLERANCE.get(ref.dtype, 1e-4)
-        shape = tuple(ref.shape)
+        tol, shape = TOLERANCE.get(ref.dtype, 1e-4), tuple(ref.shape)
         if not own <= _JUDGEABLE * tol:
-            return Comparison(False, plain.max_error, f"{plain.detail}; the model's own {ref.dtype} result is "
-                              f"{own:.3g} from float64 on output {i} {shape}, too far to judge a rewrite by")
+            return Comparison(False, worst, f"{plain.detail}; the model's own {ref.dtype} result is {own:.3g} "
+                              f"from float64 on output {i} {shape}, too far to judge a rewrite by")
         if not error <= tol + _OWN_ERROR_FACTOR * own:
-            return Comparison(False, plain.max_error, f"{plain.detail}; {error:.3g} from float64 on output {i} "
-                              f"{shape}, where the model itself is {own:.3g} from it")
+            return Comparison(False, worst, f"{plain.detail}; {error:.3g} from float64 on output {i} {shape}, "
+                              f"where the model itself is {own:.3g} from it")
         own_worst = max(own_worst, own)
-    return Comparison(True, plain.max_error, f"judged against float64: the model itself is {own_worst:.2g} from it")
+    return Comparison(True, worst, f"judged against float64: the model itself is {own_worst:.2g} from it")
 
 
 class Float64Replay:
