@@ -26,11 +26,14 @@ backend
    everything around them, and calls SDPA for the attention) or ``"triton"``
    (fxfuse's kernels, on CUDA). ``"auto"``, the default, takes Triton on
    CUDA, and on the CPU the eager back end, except for a model's decode step
-   (see :func:`~fxfuse.codegen.inductor.decode_step`), which it lowers both
-   ways and times on the call's inputs: which is faster depends on the
-   machine (on the project's Intel Xeon the eager back end's per-op dispatch
-   made it 1.25x Inductor's step; on its AMD EPYC, where oneDNN's one-row
-   GEMMs beat the ATen GEMMs Inductor calls, 0.7x).
+   (see :func:`~fxfuse.codegen.inductor.decode_step`), where which is faster
+   depends on the machine (on the project's Intel Xeon the eager back end's
+   per-op dispatch made its step 1.25x Inductor's; on its AMD EPYC, where
+   oneDNN's one-row GEMMs beat the ATen GEMMs Inductor calls, 0.65-0.73x).
+   auto times the eager program on the call's inputs against the step's
+   GEMMs alone as Inductor runs them: where it is no slower, Inductor cannot
+   win and is not compiled; otherwise Inductor compiles the step and the
+   faster of the two is kept.
 
 A graph the backend cannot handle runs as Dynamo gave it: the reason is
 logged on the ``fxfuse`` logger and kept in that graph's report, and the
@@ -55,7 +58,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxfuse.codegen import lower as lower_program
 from fxfuse.codegen import triton_available
-from fxfuse.codegen.inductor import compile_with_inductor, decode_step
+from fxfuse.codegen.inductor import AtenGemms, compile_with_inductor, decode_step
 from fxfuse.errors import InputError, is_strict
 from fxfuse.ir.inputs import Probe, derive_probes
 from fxfuse.ir.numerics import Float64Replay, compare
@@ -171,36 +174,62 @@ class Backend:
                inputs: Inputs, ranks: Ranks, report: Report) -> tuple[Callable, str | None]:
         """The lowered program of ``gm`` and, when it differs from the reference on a case, why."""
         program = None
-        if lowering == "inductor":
-            try:
-                program = compile_with_inductor(gm, flatten_subclasses(example_inputs))
-            except Exception as e:  # no C++ compiler, an op Inductor cannot lower: auto's choice falls back
-                from torch._dynamo.exc import RestartAnalysis
-
-                if self.lower != "auto" or isinstance(e, RestartAnalysis):  # Dynamo's signal, not a failure
-                    raise
-                report.notes.append(f"auto lowering: Inductor failed ({_first_line(e, 200)}); lowered eagerly")
+        if lowering == "inductor" and self.lower == "auto" and not ranks.together:
+            program, lowering = self._auto_decode_step(gm, example_inputs, inputs, report)
+            report.backend = lowering
+        elif lowering == "inductor":  # ranks running together choose alike: they keep Inductor, untimed
+            program = self._inductor(gm, example_inputs, report)
+            if program is None:
                 lowering = report.backend = "eager"
-            if program is not None and self.lower == "auto" and not ranks.together:
-                # Ranks running together must choose alike: they keep Inductor, untimed.
-                eager = lower_program(gm, "eager")
-                inductor_seconds, eager_seconds = step_seconds([program, eager], inputs)
-                faster = "inductor" if inductor_seconds <= eager_seconds else "eager"
-                report.notes.append(f"auto lowering: {faster}, the faster on the call's inputs (a call took "
-                                    f"{inductor_seconds * 1e3:.2f} ms with Inductor, {eager_seconds * 1e3:.2f} ms "
-                                    "with the eager back end)")
-                if faster == "eager":
-                    program, lowering = eager, "eager"
-                    report.backend, report.lowered = "eager", eager.lowered
         if program is None:
             program = lower_program(gm, lowering)
-            report.lowered = program.lowered
+        report.lowered = getattr(program, "lowered", {})
         if not cases:
             return program, None
         checked = PassResult(f"codegen-{lowering}")
         failure = ranks.validate(program, cases, checked, inputs.call)
         report.max_error, report.validated_on = checked.max_error, checked.validated_on
         return program, None if failure is None else failure[1]
+
+    def _auto_decode_step(self, gm: fx.GraphModule, example_inputs: list[Any], inputs: Inputs,
+                          report: Report) -> tuple[Callable, str]:
+        """auto's program for a decode step and its lowering: the eager back end's unless Inductor's is faster.
+
+        The eager program is first timed against the step's GEMMs alone as
+        Inductor runs them (ATen's): where it is no slower, Inductor's cannot
+        be faster and is not compiled. Otherwise Inductor compiles the step,
+        and the faster of the two on the call's inputs is kept.
+        """
+        eager = lower_program(gm, "eager")
+        gemms = AtenGemms(gm, flatten_subclasses(inputs.real))
+        if gemms.calls:
+            eager_seconds, gemm_seconds = step_seconds([eager, gemms], inputs)
+            if eager_seconds <= gemm_seconds:
+                report.notes.append(f"auto lowering: eager, Inductor not compiled: a call took {eager_seconds * 1e3:.2f}"
+                                    f" ms, no more than its {len(gemms.calls)} GEMMs alone as Inductor runs them "
+                                    f"(ATen's, {gemm_seconds * 1e3:.2f} ms)")
+                return eager, "eager"
+        inductor = self._inductor(gm, example_inputs, report)
+        if inductor is None:
+            return eager, "eager"
+        inductor_seconds, eager_seconds = step_seconds([inductor, eager], inputs)
+        faster = "inductor" if inductor_seconds <= eager_seconds else "eager"
+        report.notes.append(f"auto lowering: {faster}, the faster on the call's inputs (a call took "
+                            f"{inductor_seconds * 1e3:.2f} ms with Inductor, {eager_seconds * 1e3:.2f} ms with the "
+                            "eager back end)")
+        return (inductor, "inductor") if faster == "inductor" else (eager, "eager")
+
+    def _inductor(self, gm: fx.GraphModule, example_inputs: list[Any], report: Report) -> Callable | None:
+        """``gm`` compiled by Inductor; None, with a note, where that fails and auto chose Inductor."""
+        try:
+            return compile_with_inductor(gm, flatten_subclasses(example_inputs))
+        except Exception as e:  # no C++ compiler, an op Inductor cannot lower: auto's choice falls back
+            from torch._dynamo.exc import RestartAnalysis
+
+            if self.lower != "auto" or isinstance(e, RestartAnalysis):  # Dynamo's signal, not a failure
+                raise
+            report.notes.append(f"auto lowering: Inductor failed ({_first_line(e, 200)}); lowered eagerly")
+            return None
 
     def _lowering(self, example_inputs: list[Any], gm: fx.GraphModule, report: Report) -> str:
         if self.lower != "auto":
@@ -210,7 +239,8 @@ class Backend:
         step = decode_step(gm)
         if step is None:
             return "eager"
-        report.notes.append(f"auto lowering: a decode step ({step}), lowered by Inductor and eagerly, and timed")
+        report.notes.append(f"auto lowering: a decode step ({step}), timed eagerly and, where that can lose, "
+                            "with Inductor")
         return "inductor"
 
 

@@ -177,6 +177,17 @@ def test_generate_with_a_static_cache(name, impl):
         assert q.shape[2] == 1 and k.shape[1] == kv_heads
 
 
+def step_times(eager: float, gemms: float, inductor: float):
+    """A stand-in for dynamo.step_seconds: fixed seconds for the eager program, the GEMMs alone and Inductor's."""
+    from fxfuse.codegen.eager import EagerProgram
+
+    def seconds(programs, inputs):
+        return [eager if isinstance(p, EagerProgram) else gemms if isinstance(p, inductor_codegen.AtenGemms)
+                else inductor for p in programs]
+
+    return seconds
+
+
 def test_auto_hands_decode_steps_to_inductor_where_it_is_faster(monkeypatch):
     """A left-padded batch of two: the prefill (24 rows) is lowered eagerly, the decode step (2 rows) by
     Inductor, whose generated code calls SDPA itself, on the padded mask, instead of fxfuse.attention's
@@ -184,7 +195,7 @@ def test_auto_hands_decode_steps_to_inductor_where_it_is_faster(monkeypatch):
     from torch.profiler import profile
 
     monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)  # the zoo's models are tiny
-    monkeypatch.setattr(dynamo, "step_seconds", lambda programs, inputs: [0.001, 0.002])  # Inductor, eager
+    monkeypatch.setattr(dynamo, "step_seconds", step_times(eager=0.002, gemms=0.001, inductor=0.001))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(LLAMA.config(), attn_implementation="sdpa").eval()
     ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -211,24 +222,54 @@ def test_auto_hands_decode_steps_to_inductor_where_it_is_faster(monkeypatch):
     assert calls["aten::_scaled_dot_product_flash_attention_for_cpu"] == LLAMA.attention * (1 + decode_steps)
 
 
-def test_auto_keeps_a_decode_step_eager_where_that_is_faster(monkeypatch):
-    """The same decode step, where the eager back end's call is the faster (the project's AMD EPYC, whose
-    oneDNN one-row GEMMs beat the ATen GEMMs Inductor calls): lowered eagerly, tokens unchanged."""
-    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(dynamo, "step_seconds", lambda programs, inputs: [0.003, 0.002])
+def generate_with_default_backend() -> dynamo.Backend:
+    """Greedy tokens of a small LLaMA-style decoder (a prefill of 20 rows, then decode steps of one) through
+    backend=fxfuse.backend(), checked equal to the uncompiled model's; the backend."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(LLAMA.config(), attn_implementation="sdpa").eval()
-    ids = torch.randint(1, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 100, (1, 20), generator=torch.Generator().manual_seed(0))
     settings = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         expected = model.generate(ids, **settings)
         backend = fxfuse.backend()
         model.forward = torch.compile(model.forward, backend=backend)
-        tokens = model.generate(ids, **settings)
-    assert torch.equal(tokens, expected)
+        assert torch.equal(model.generate(ids, **settings), expected)
+    return backend
+
+
+def test_auto_keeps_a_decode_step_eager_where_that_is_faster(monkeypatch):
+    """The same decode step, where the eager back end's call is the faster (the project's AMD EPYC, whose
+    oneDNN one-row GEMMs beat the ATen GEMMs Inductor calls): lowered eagerly, tokens unchanged."""
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(dynamo, "step_seconds", step_times(eager=0.002, gemms=0.001, inductor=0.003))
+    backend = generate_with_default_backend()
     assert [r.backend for r in backend.reports] == ["eager", "eager"]
     assert "auto lowering: eager, the faster on the call's inputs" in backend.reports[1].notes[-1]
     assert not any("is not used" in note for note in backend.reports[1].notes)  # the eager program runs
+
+
+def test_auto_does_not_compile_inductor_where_the_eager_step_beats_the_gemms_alone(monkeypatch):
+    """Inductor calls ATen's GEMMs: where the eager program takes no longer than they do alone, Inductor's
+    program cannot be faster, and auto does not spend its compile time."""
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
+    timed = []
+
+    def times(programs, inputs):
+        timed.append(programs)
+        return [0.001, 0.002]
+
+    monkeypatch.setattr(dynamo, "step_seconds", times)
+    monkeypatch.setattr(dynamo, "compile_with_inductor", lambda gm, example_inputs: pytest.fail("compiled"))
+    backend = generate_with_default_backend()
+    assert [r.backend for r in backend.reports] == ["eager", "eager"]
+    gemms = timed[0][1]
+    assert len(timed) == 1 and isinstance(gemms, inductor_codegen.AtenGemms)
+    config = LLAMA.config()
+    assert len(gemms.shapes) == 7 * config.num_hidden_layers + 1  # q, k, v, o, gate, up, down a layer, and the LM head
+    assert all(rows == 1 for rows, _, _ in gemms.shapes)
+    assert (1, config.hidden_size, config.vocab_size) in gemms.shapes
+    assert f"Inductor not compiled: a call took 1.00 ms, no more than its {len(gemms.shapes)} GEMMs alone" in \
+        backend.reports[1].notes[-1]
 
 
 def test_step_seconds_times_each_program_alike():
@@ -253,6 +294,7 @@ def test_auto_falls_back_to_eager_when_inductor_fails_but_lets_dynamo_restart(mo
     from torch._dynamo.exc import TensorifyScalarRestartAnalysis
 
     monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(dynamo, "step_seconds", step_times(eager=0.002, gemms=0.001, inductor=0.001))
     model = LLAMA.build("sdpa")
     inputs = _inputs(LLAMA, model, 1, 1)
     with torch.no_grad():

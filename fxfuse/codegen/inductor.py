@@ -18,7 +18,7 @@ all-MiniLM-L6-v2 at 4 × 128, 440 against 419 ms for LLaMA-style 100M at
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -59,6 +59,41 @@ def decode_step(gm: fx.GraphModule) -> Optional[str]:
     if max(rows) > DECODE_ROWS or weight_bytes < DECODE_WEIGHT_BYTES:
         return None
     return f"GEMMs of at most {max(rows)} rows reading {weight_bytes / 2**20:.0f} MiB of weights"
+
+
+class AtenGemms:
+    """A graph's GEMMs alone as Inductor runs them on the CPU (ATen's kernels), on its real weights.
+
+    Built from the GEMM nodes whose weight is a graph input, with ``inputs``
+    the graph's real inputs in placeholder order; a call runs each GEMM once on
+    zero rows of its input's shape. ``shapes`` lists (rows, in, out).
+    """
+
+    def __init__(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+        position = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        self.calls: list[tuple[Tensor, Tensor]] = []
+        self.shapes: list[tuple[int, int, int]] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _GEMMS:
+                continue
+            x_arg, w_arg = (node.args[i] for i in _GEMMS[node.target])
+            x = x_arg.meta.get("val") if isinstance(x_arg, fx.Node) else None
+            if w_arg not in position or not isinstance(x, Tensor) or x.dim() == 0:
+                continue
+            if not all(isinstance(d, int) for d in x.shape):
+                continue
+            weight = inputs[position[w_arg]]
+            if not isinstance(weight, Tensor) or weight.dim() != 2:
+                continue
+            if node.target is torch.ops.aten.linear.default:  # stored (out, in)
+                weight = weight.t()
+            rows = x.numel() // x.shape[-1]
+            self.calls.append((torch.zeros(rows, weight.shape[0], dtype=weight.dtype, device=weight.device), weight))
+            self.shapes.append((rows, weight.shape[0], weight.shape[1]))
+
+    def __call__(self, *args: Any) -> None:
+        for x, weight in self.calls:
+            torch.mm(x, weight)
 
 
 def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
