@@ -13,7 +13,10 @@ as extern ops was slower on the project's Xeon (50.8 against 48.5 ms for
 all-MiniLM-L6-v2 at 4 × 128, 440 against 419 ms for LLaMA-style 100M at
 1 × 512).
 
-:func:`decode_step` is how ``lower="auto"`` tells a model's decode step.
+:func:`decode_step` is how ``lower="auto"`` tells a model's decode step, the
+one graph for which it weighs Inductor against the eager back end;
+:class:`AtenGemms` is the bound it weighs first (Inductor's step is at least
+its GEMMs, which it runs on ATen's kernels).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from fxfuse.ir.dialect import OPS, REFERENCE, traceable_attention
 
 # A decode step of a real model: every GEMM sees at most DECODE_ROWS rows, known at compile time, and
 # together they read at least DECODE_WEIGHT_BYTES. There the eager back end's per-op dispatch (about 3,100
-# ATen calls a step against Inductor's 750) is a large share of the step, which runs once per token:
+# ATen calls a step against Inductor's 750) can be a large share of the step, which runs once per token, or
+# its GEMM kernels can win by more (one-row oneDNN against ATen on an AMD EPYC):
 # benchmarks/results/compile-cpu.md gives each way's decode step next to its GEMMs' time alone.
 DECODE_ROWS = 16
 DECODE_WEIGHT_BYTES = 32 * 2**20
