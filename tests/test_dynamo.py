@@ -15,6 +15,7 @@ import fxfuse.codegen.inductor as inductor_codegen
 import fxfuse.dynamo as dynamo
 from fxfuse.errors import strict
 from fxfuse.ir.numerics import compare
+from tests.helpers import benchmark_script
 from tests.zoo.models import LAYERS, ZOO
 
 LLAMA = next(m for m in ZOO if m.name == "llama")
@@ -388,3 +389,30 @@ def test_inductor_compiles_an_optimized_module():
             inputs = LLAMA.inputs(2, seq, seed=2)
             outcome = compare(model(**inputs, use_cache=False), compiled(**inputs))
             assert outcome.ok, outcome.detail
+
+
+@pytest.fixture(scope="module")
+def cpu_latency():
+    yield from benchmark_script("cpu_latency.py", "fxfuse_benchmarks_cpu_latency_for_dynamo")
+
+
+def test_a_real_decoders_decode_step_keeps_its_lowering_on_an_ill_conditioned_probe(cpu_latency):
+    """SmolLM2-135M-Instruct's decode step, as generate() spells it for a forward taking **kwargs (a 4-D
+    boolean mask): on the padded probe (a redrawn KV cache) the model's own float32 logits stray from float64
+    by more than the 1e-4 tolerance, which failed the lowered program by rounding alone and left the step on
+    the unlowered graph (at HF eager's speed). Judged against float64, the lowering is kept."""
+    model = cpu_latency.smollm2()
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, cache_implementation="static")
+    backend = fxfuse.backend(lower="eager")
+    compiled = torch.compile(model.forward, backend=backend)
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        model.forward = lambda *args, **kwargs: compiled(*args, **kwargs)
+        tokens = model.generate(ids, **settings)
+    assert torch.equal(tokens, expected)
+    decode = backend.reports[-1]
+    assert decode.ops["attention"] == model.config.num_hidden_layers
+    assert not any("is not used" in note for note in decode.notes), decode.notes
+    assert decode.backend == "eager" and decode.lowered
+    assert any(label.startswith("padded/rescaled") for label in decode.validated_on)
