@@ -17,10 +17,10 @@ model's GEMMs alone (the floor). Compile time is the first call's time
 minus a steady call's, after a throwaway compile has paid Inductor's
 one-time set-up. A decode step is also timed alone: each way's last step
 is called again (its static cache rewound), one step of every way per
-round. This host's memory bandwidth drifts over seconds (the same decode-
-step GEMMs, medians of one-second windows over a minute: 22.9 to 30.4 ms),
-which whole ``generate()`` calls catch unevenly; ratios to Inductor are taken
-within each round.
+round. A host's memory bandwidth can drift over seconds (on the Intel Xeon
+of earlier runs, the same decode-step GEMMs, medians of one-second windows
+over a minute: 22.9 to 30.4 ms), which whole ``generate()`` calls catch
+unevenly; ratios to Inductor are taken within each round.
 
 Ways: the model as it is (*HF eager*); ``torch.compile`` with Inductor's
 defaults; Inductor with freezing (weights as constants: what lets it pack

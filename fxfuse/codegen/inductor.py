@@ -21,7 +21,7 @@ its GEMMs, which it runs on ATen's kernels).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -41,18 +41,21 @@ _GEMMS = {torch.ops.aten.linear.default: (0, 1), torch.ops.aten.mm.default: (0, 
           torch.ops.aten.addmm.default: (1, 2)}
 
 
-def _gemm_rows(gm: fx.GraphModule) -> tuple[list[Any], int]:
-    """Each GEMM's rows (an int, or a SymInt for a dynamic size) and the bytes of all their weights."""
-    rows, weight_bytes = [], 0
+def _gemms(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, Tensor, Any, Tensor]]:
+    """Each GEMM node with the fake values of its input rows and weight: (node, input, weight arg, weight)."""
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _GEMMS:
             continue
-        x, w = (node.args[i].meta.get("val") if isinstance(node.args[i], fx.Node) else None
-                for i in _GEMMS[node.target])
+        x_arg, w_arg = (node.args[i] for i in _GEMMS[node.target])
+        x, w = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (x_arg, w_arg))
         if isinstance(x, Tensor) and isinstance(w, Tensor) and x.dim() > 0:
-            rows.append(x.numel() // x.shape[-1])
-            weight_bytes += w.numel() * w.element_size()
-    return rows, weight_bytes
+            yield node, x, w_arg, w
+
+
+def _gemm_rows(gm: fx.GraphModule) -> tuple[list[Any], int]:
+    """Each GEMM's rows (an int, or a SymInt for a dynamic size) and the bytes of all their weights."""
+    found = [(x.numel() // x.shape[-1], w.numel() * w.element_size()) for _, x, _, w in _gemms(gm)]
+    return [rows for rows, _ in found], sum(size for _, size in found)
 
 
 def decode_step(gm: fx.GraphModule) -> Optional[str]:
@@ -77,14 +80,8 @@ class AtenGemms:
         position = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
         self.calls: list[tuple[Tensor, Tensor]] = []
         self.shapes: list[tuple[int, int, int]] = []
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _GEMMS:
-                continue
-            x_arg, w_arg = (node.args[i] for i in _GEMMS[node.target])
-            x = x_arg.meta.get("val") if isinstance(x_arg, fx.Node) else None
-            if w_arg not in position or not isinstance(x, Tensor) or x.dim() == 0:
-                continue
-            if not all(isinstance(d, int) for d in x.shape):
+        for node, x, w_arg, _ in _gemms(gm):
+            if w_arg not in position or not all(isinstance(d, int) for d in x.shape):
                 continue
             weight = inputs[position[w_arg]]
             if not isinstance(weight, Tensor) or weight.dim() != 2:
