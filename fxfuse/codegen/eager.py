@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -52,12 +52,16 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fxfuse.codegen.program import graph_reading_root, module_reading_root
+from fxfuse.cpu_kernels import rows, skinny_gemm
 from fxfuse.ir.dialect import OPS, REFERENCE, _check_rope
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _LINEAR = torch.ops.aten.linear.default
 # fxfuse.gated_mlp_act's activation → (oneDNN post-op, its algorithm).
 _GATED = {"silu": ("swish", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+# oneDNN's post-op (and algorithm) → the skinny GEMM kernel's activation.
+_SKINNY_ACT = {("none", ""): "none", ("relu", ""): "relu", ("swish", ""): "silu", ("gelu", "none"): "gelu",
+               ("gelu", "tanh"): "gelu_tanh"}
 
 
 def onednn_available() -> bool:
@@ -95,32 +99,36 @@ def _onednn_ok(*tensors: Optional[Tensor]) -> bool:
 
 
 class GemmChoice:
-    """Which kernel runs each GEMM shape: oneDNN's (packed weight, fused epilogue) or ATen's (MKL), by timing.
+    """Which kernel runs each GEMM: oneDNN's (packed weight, fused epilogue), ATen's (MKL) or fxfuse's skinny
+    GEMM (at most ``skinny_gemm.MAX_ROWS`` rows), by timing.
 
-    Neither wins everywhere: on this project's 2-core Intel Xeon, oneDNN on a
+    None wins everywhere: on this project's 2-core Intel Xeon, oneDNN on a
     packed weight took 0.6-0.8x ATen's time at 4-16 rows and 1.1-2.6x at one
-    row, and they were within 2% of each other at 512 rows, with the winner
-    depending on the weight's shape. So the first call of each key (the GEMM
-    kind, rows rounded up to a power of two, the weight's shape and dtype,
-    the epilogue) times both kernels on its own inputs (best of three after
-    a warm-up, a few GEMMs' time once) and every later call of that key runs
-    the winner. ``force`` ("onednn" or "aten", see :func:`gemm_kernel`)
-    skips the timing; ``choices`` shows what was chosen.
+    row; on an AMD EPYC Zen 4 both read one-row weights at 10-15 GB/s, the
+    skinny GEMM at 25-30 GB/s. So the first call of each key (the GEMM kind,
+    rows rounded up to a power of two, the weight's shape and dtype, the
+    epilogue, and what decides which kernels can take the operands) times
+    every kernel that can (best of three after a warm-up, a few GEMMs' time
+    once) and every later call of that key runs the winner without looking
+    at the operands again. ``force`` (see :func:`gemm_kernel`) skips the
+    timing; ``choices`` shows what was chosen.
     """
 
-    KERNELS = ("onednn", "aten")
+    KERNELS = ("onednn", "aten", "skinny")
 
     def __init__(self) -> None:
         self.choices: dict[tuple, str] = {}
         self.force: Optional[str] = None
 
-    def pick(self, key: tuple, candidates: dict[str, Any]) -> str:
-        """The kernel for ``key``; on its first call, the faster of ``candidates`` (kernel name → thunk)."""
-        if self.force is not None:
-            return self.force
+    def pick(self, key: tuple, candidates: Callable[[], dict[str, Any]]) -> str:
+        """The kernel for ``key``; on its first call, the faster of ``candidates()`` (kernel name → thunk,
+        "aten" always among them). A forced kernel that cannot take these operands gives way to "aten"."""
         chosen = self.choices.get(key)
         if chosen is None:
-            chosen = self.choices[key] = _fastest(candidates)
+            thunks = candidates()
+            if self.force is not None:
+                return self.force if self.force in thunks else "aten"
+            chosen = self.choices[key] = _fastest(thunks) if len(thunks) > 1 else "aten"
         return chosen
 
     def clear(self) -> None:
@@ -146,19 +154,25 @@ GEMMS = GemmChoice()
 
 @contextlib.contextmanager
 def gemm_kernel(kernel: Optional[str]) -> Iterator[None]:
-    """Run every eligible GEMM on ``kernel`` ("onednn" or "aten") inside the block; None: choose by timing."""
+    """Run every eligible GEMM on ``kernel`` ("onednn", "aten" or "skinny") inside the block (ATen's where
+    ``kernel`` cannot take the operands); None: choose by timing."""
     if kernel is not None and kernel not in GemmChoice.KERNELS:
         raise ValueError(f"gemm_kernel: kernel must be one of {GemmChoice.KERNELS} or None, got {kernel!r}")
     previous, GEMMS.force = GEMMS.force, kernel
+    saved, GEMMS.choices = GEMMS.choices, {}  # choices made under another force do not apply
     try:
         yield
     finally:
-        GEMMS.force = previous
+        GEMMS.force, GEMMS.choices = previous, saved
 
 
-def _gemm_key(kind: str, x: Tensor, weight: Tensor, *extra: Any) -> tuple:
-    rows = x.numel() // x.shape[-1] if x.dim() else 1
-    return (kind, max(rows - 1, 0).bit_length(), tuple(weight.shape), weight.dtype, *extra)
+def _gemm_key(kind: str, x: Tensor, weight: Tensor, others: tuple, *extra: Any) -> tuple:
+    """What decides a GEMM's kernel: the kind, rows rounded up to a power of two, the weight's shape and
+    dtype, ``extra`` (the epilogue), and what decides which kernels can take the operands at all."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else x.numel()
+    grad = _needs_grad(x, weight, *others)
+    return (kind, max(rows - 1, 0).bit_length(), rows <= skinny_gemm.MAX_ROWS, tuple(weight.shape), weight.stride(),
+            weight.dtype, x.dtype, x.device.type, grad, torch.backends.mkldnn.enabled, *extra)
 
 
 class PackedWeights:
@@ -201,30 +215,44 @@ def _onednn_weight(weight: Tensor, parameter: Tensor, x: Tensor) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none",
-           algorithm: str = "", *, parameter: Optional[Tensor] = None) -> Tensor:
-    """``act(F.linear(x, weight, bias))``, with ``act`` one of "none", "gelu" (``algorithm`` "none"
-    or "tanh"), "relu", "swish" (SiLU); on oneDNN where :func:`_onednn_ok` allows it.
+           algorithm: str = "", residual: Optional[Tensor] = None, *, parameter: Optional[Tensor] = None) -> Tensor:
+    """``act(F.linear(x, weight, bias)) + residual``, with ``act`` one of "none", "gelu" (``algorithm``
+    "none" or "tanh"), "relu", "swish" (SiLU), on the kernel :data:`GEMMS` chose for these operands:
+    ATen's, oneDNN's (where :func:`_onednn_ok` allows it) or, for at most ``skinny_gemm.MAX_ROWS``
+    rows, fxfuse's skinny GEMM (residual added in its epilogue).
 
     ``parameter`` is the tensor ``weight`` is a view of (default: ``weight`` itself); a parameter's
     packed copy is what oneDNN reads."""
     def aten() -> Tensor:
-        return _activate(F.linear(x, weight, bias), act, algorithm)
+        y = _activate(F.linear(x, weight, bias), act, algorithm)
+        return y if residual is None else y + residual
 
-    if _onednn_ok(x, weight, bias):
-        source = weight if parameter is None else parameter
+    def onednn() -> Tensor:
+        packed = _onednn_weight(weight, weight if parameter is None else parameter, x)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, act, [], algorithm)
+        return y if residual is None else y.add_(residual)
 
-        def onednn() -> Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(weight, source, x), bias, act, [], algorithm)
+    def skinny() -> Tensor:
+        return skinny_gemm.linear(x, weight, bias, _SKINNY_ACT[act, algorithm], residual)
 
-        key = _gemm_key("linear", x, weight, bias is not None, act, algorithm)
-        if GEMMS.pick(key, {"onednn": onednn, "aten": aten}) == "onednn":
-            return onednn()
-    return aten()
+    def candidates() -> dict[str, Any]:
+        found = {"aten": aten}
+        if _onednn_ok(x, weight, bias, residual):
+            found["onednn"] = onednn
+        if (act, algorithm) in _SKINNY_ACT and skinny_gemm.eligible(x, weight, bias, residual) and (
+                residual is None or residual.shape == (*x.shape[:-1], weight.shape[0])):
+            found["skinny"] = skinny
+        return found
+
+    key = _gemm_key("linear", x, weight, (bias, residual), bias is None or bias.dtype, act, algorithm,
+                    residual is None or (residual.dtype, residual.shape))
+    return {"aten": aten, "onednn": onednn, "skinny": skinny}[GEMMS.pick(key, candidates)]()
 
 
 def gated_linear(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up: Tensor, w_up: Tensor,
                  b_up: Optional[Tensor], activation: str) -> Tensor:
-    """``fxfuse.gated_mlp_act(F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up), activation)``."""
+    """``fxfuse.gated_mlp_act(F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up), activation)``;
+    where gate and up read the same input, fxfuse's skinny GEMM can stream both weights in one pass."""
     act, algorithm = _GATED[activation]
     same_rows = x_gate.shape[:-1] == x_up.shape[:-1] and w_gate.shape[0] == w_up.shape[0]
 
@@ -234,17 +262,26 @@ def gated_linear(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up:
             return REFERENCE["gated_mlp_act"](gate, up, activation)
         return _activate(gate, act, algorithm).mul_(up)
 
-    if same_rows and _onednn_ok(x_gate, w_gate, b_gate, x_up, w_up, b_up):
-        def onednn() -> Tensor:
-            gate = torch.ops.mkldnn._linear_pointwise(x_gate, _onednn_weight(w_gate, w_gate, x_gate), b_gate, act,
-                                                      [], algorithm)
-            return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, _onednn_weight(w_up, w_up, x_up), b_up,
-                                                             "mul")
+    def onednn() -> Tensor:
+        gate = torch.ops.mkldnn._linear_pointwise(x_gate, _onednn_weight(w_gate, w_gate, x_gate), b_gate, act,
+                                                  [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, _onednn_weight(w_up, w_up, x_up), b_up, "mul")
 
-        key = _gemm_key("gated", x_gate, w_gate, b_gate is not None, b_up is not None, activation)
-        if GEMMS.pick(key, {"onednn": onednn, "aten": aten}) == "onednn":
-            return onednn()
-    return aten()
+    def skinny() -> Tensor:
+        return skinny_gemm.gated(x_gate, w_gate, b_gate, w_up, b_up, activation)
+
+    def candidates() -> dict[str, Any]:
+        found = {"aten": aten}
+        if same_rows and _onednn_ok(x_gate, w_gate, b_gate, x_up, w_up, b_up):
+            found["onednn"] = onednn
+        if same_rows and x_gate is x_up and skinny_gemm.eligible(x_gate, w_gate, b_gate, w_up, b_up):
+            found["skinny"] = skinny
+        return found
+
+    key = _gemm_key("gated", x_gate, w_gate, (b_gate, x_up, w_up, b_up), x_gate is x_up, same_rows,
+                    tuple(w_up.shape), w_up.stride(), x_up.dtype, b_gate is None or b_gate.dtype,
+                    b_up is None or b_up.dtype, activation)
+    return {"aten": aten, "onednn": onednn, "skinny": skinny}[GEMMS.pick(key, candidates)]()
 
 
 def addmm(bias: Tensor, x: Tensor, weight_in_out: Tensor) -> Tensor:
@@ -281,11 +318,12 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fal
     that broadcast past q or k, and small calls run the reference.
     """
     _check_rope(q, k, cos, sin)
-    fast = (not interleaved and q.numel() >= ROPE_MIN_ELEMENTS and not _needs_grad(q, k, cos, sin)
-            and q.dtype == k.dtype == cos.dtype == sin.dtype
+    fast = (not interleaved and not _needs_grad(q, k, cos, sin) and q.dtype == k.dtype == cos.dtype == sin.dtype
             and all(cos.dim() <= x.dim() and torch.broadcast_shapes(x.shape[:-1], cos.shape[:-1]) == x.shape[:-1]
                     for x in (q, k)))
-    if not fast:
+    if fast and rows.eligible(q, k, cos, sin) and k.numel() <= rows.MAX_ROWS * k.shape[-1]:
+        return rows.rope(q, k, cos, sin)
+    if not fast or q.numel() < ROPE_MIN_ELEMENTS:
         return REFERENCE["rope"](q, k, cos, sin, interleaved)
     return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
 
@@ -300,14 +338,19 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     with fewer buffers than the reference: 0.27 against 1.36 ms in a loop at
     512 × 768 on the project's Xeon, about 0.4 ms a call inside the
     LLaMA-style model. Equal to the reference in every bit on float32
-    (tested). Other dtypes run the reference, which rounds the normalized
-    value to the input's dtype before the weight multiplies it.
+    (tested). A decode step's few rows (``rows.MAX_ROWS`` at most) run
+    fxfuse's row kernel instead (one C++ call instead of ATen's composite:
+    its time is all dispatch there), equal to float32 rounding. Other
+    dtypes run the reference, which rounds the normalized value to the
+    input's dtype before the weight multiplies it.
     """
     fast = (_FUSED_RMS_NORM is not None and x.dtype == torch.float32 and x.is_contiguous()
             and (weight is None or (weight.dtype == torch.float32 and weight.shape == x.shape[-1:]))
             and not _needs_grad(x, weight))
     if not fast:
         return REFERENCE["rms_norm"](x, weight, eps)
+    if rows.eligible(x, weight) and (weight is None or weight.is_contiguous()):
+        return rows.rms_norm(x, weight, eps)
     return _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)[0]
 
 
@@ -315,6 +358,9 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: flo
     """``fxfuse.add_rms_norm``: the sum, then :func:`rms_norm` of it."""
     if x.shape != residual.shape or x.dtype != residual.dtype or not (x.is_contiguous() and residual.is_contiguous()):
         return REFERENCE["add_rms_norm"](x, residual, weight, eps)
+    if (rows.eligible(x, residual, weight) and (weight is None or (weight.shape == x.shape[-1:]
+                                                                  and weight.is_contiguous()))):
+        return rows.add_rms_norm(x, residual, weight, eps)
     total = x + residual
     return rms_norm(total, weight, eps), total
 

@@ -58,6 +58,20 @@ def _gemm_rows(gm: fx.GraphModule) -> tuple[list[Any], int]:
     return [rows for rows, _ in found], sum(size for _, size in found)
 
 
+def step_bytes(gm: fx.GraphModule) -> int:
+    """The bytes a call of ``gm`` must read from memory at least: its GEMMs' weights and the keys and values
+    its attention ops read (a decode step's KV cache); each tensor counted once."""
+    seen: dict[Any, int] = {}
+    for _, _, w_arg, w in _gemms(gm):
+        seen[w_arg] = w.numel() * w.element_size()
+    for node in gm.graph.find_nodes(op="call_function", target=OPS["attention"]):
+        for arg in node.args[1:3]:
+            value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if isinstance(value, Tensor) and all(isinstance(d, int) for d in value.shape):
+                seen[arg] = value.numel() * value.element_size()
+    return sum(seen.values())
+
+
 def decode_step(gm: fx.GraphModule) -> Optional[str]:
     """Why ``gm`` counts as a decode step (its rows and weight bytes), or None if it does not."""
     rows, weight_bytes = _gemm_rows(gm)

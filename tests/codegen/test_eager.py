@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fxfuse
 from fxfuse.codegen import eager
+from fxfuse.cpu_kernels import build, rows, skinny_gemm
 from fxfuse.ir.dialect import OPS, REFERENCE
 from fxfuse.passes.manager import NumericsError
 from tests.helpers import count
@@ -89,7 +90,8 @@ def test_each_gemm_shape_runs_the_kernel_timed_faster(monkeypatch):
         x = torch.randn(5, 16, generator=g)
         assert _onednn_calls(lambda: eager.linear(x, w, None, "relu")) == 0  # timed: ATen won
         assert _onednn_calls(lambda: eager.linear(torch.randn(7, 16), w, None, "relu")) == 0  # 7 rows: same key
-        assert len(timed) == 1 and timed[0] == ["aten", "onednn"]
+        skinny = ["skinny"] if build.available() else []  # 5 and 7 rows: a decode-sized GEMM
+        assert len(timed) == 1 and timed[0] == ["aten", "onednn", *skinny]
         torch.testing.assert_close(eager.linear(x, w, None, "relu"), F.relu(F.linear(x, w)))
         eager.linear(torch.randn(9, 16), w, None, "relu")  # 9 rows: another power-of-two bucket, timed again
         eager.linear(x, w, None, "none")  # another epilogue: timed again
@@ -100,6 +102,59 @@ def test_each_gemm_shape_runs_the_kernel_timed_faster(monkeypatch):
         assert sorted(set(eager.GEMMS.choices.values())) == ["aten", "onednn"]
     eager.GEMMS.clear()
     assert not eager.GEMMS.choices
+
+
+needs_cpu_kernels = pytest.mark.skipif(not build.available(), reason="fxfuse's CPU kernels could not be built here")
+
+
+def _counting(monkeypatch, module, *names):
+    """Count the calls of ``module``'s functions ``names`` (still running them)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@needs_cpu_kernels
+def test_a_decode_step_runs_the_skinny_gemm_and_row_kernels(monkeypatch):
+    """A LLaMA-style zoo model at one token a row (a decode step's shapes, without a cache): every GEMM on the
+    skinny kernel (gate and up as one gated call), the norms and rotary embedding on the row kernels; the
+    outputs equal the model's. At 9 tokens a row (a prefill) none of them runs."""
+    zoo = _zoo("llama")
+    model = zoo.build("eager")
+    opt = fxfuse.optimize(model, example_kwargs=zoo.inputs(2, 9), backend="eager")
+    gemms = _counting(monkeypatch, skinny_gemm, "linear", "gated")
+    row_ops = _counting(monkeypatch, rows, "rms_norm", "add_rms_norm", "rope")
+    one_token = zoo.inputs(3, 1, seed=3)
+    with eager.gemm_kernel("skinny"), torch.no_grad():
+        got = opt(**one_token).last_hidden_state
+        expected = model(**one_token).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert gemms == {"linear": 5 * LAYERS, "gated": LAYERS}  # q, k, v, o, down; gate and up together
+    assert row_ops["rope"] == LAYERS and row_ops["rms_norm"] + row_ops["add_rms_norm"] == 2 * LAYERS + 1
+    with eager.gemm_kernel("skinny"), torch.no_grad():
+        torch.testing.assert_close(opt(**zoo.inputs(2, 9, seed=4)).last_hidden_state,
+                                   model(**zoo.inputs(2, 9, seed=4)).last_hidden_state, rtol=1e-4, atol=1e-5)
+    assert gemms == {"linear": 5 * LAYERS, "gated": LAYERS} and row_ops["rope"] == LAYERS  # 18 rows: not skinny
+
+
+@needs_cpu_kernels
+def test_skinny_gemm_takes_the_residual_and_gives_way_where_it_cannot_run():
+    g = torch.Generator().manual_seed(5)
+    x, w, residual = torch.randn(1, 24, generator=g), torch.randn(10, 24, generator=g), torch.randn(1, 10, generator=g)
+    with eager.gemm_kernel("skinny"), torch.no_grad():
+        torch.testing.assert_close(eager.linear(x, w, None, "swish", "", residual), F.silu(F.linear(x, w)) + residual)
+        wide = torch.randn(24, 10, generator=g)  # stored (in, out): the skinny kernel cannot take it, ATen runs
+        torch.testing.assert_close(eager.addmm(torch.zeros(10), x, wide), x @ wide)
+        x2 = torch.randn(1, 24, generator=g)  # gate and up read different inputs: two GEMMs, not one gated call
+        torch.testing.assert_close(eager.gated_linear(x, w, None, x2, w, None, "silu"),
+                                   F.silu(F.linear(x, w)) * F.linear(x2, w))
 
 
 @needs_onednn
@@ -309,8 +364,11 @@ def test_fast_rope_matches_the_reference_in_the_inputs_layout(dtype, rot_dim):
 
 
 def test_fast_rms_norms_equal_the_reference():
+    """Above the row kernels' size (a prefill), ATen's _fused_rms_norm: equal in every bit; below it, the row
+    kernel (within float32 rounding: tests/cpu_kernels/test_rows.py)."""
     g = torch.Generator().manual_seed(4)
-    x, residual, weight = torch.randn(3, 17, 48, generator=g), torch.randn(3, 17, 48, generator=g), torch.randn(48)
+    x, residual, weight = torch.randn(5, 17, 48, generator=g), torch.randn(5, 17, 48, generator=g), torch.randn(48)
+    assert x.numel() // x.shape[-1] > rows.MAX_ROWS
     torch.testing.assert_close(eager.FAST["rms_norm"](x, weight, 1e-6), REFERENCE["rms_norm"](x, weight, 1e-6),
                                rtol=0, atol=0)
     for e, o in zip(REFERENCE["add_rms_norm"](x, residual, weight, 1e-5),
@@ -321,7 +379,7 @@ def test_fast_rms_norms_equal_the_reference():
 
 
 def test_fast_rms_norm_without_weight_and_on_a_strided_input():
-    x = torch.randn(40, 24)
+    x = torch.randn(80, 24)  # more rows than the row kernel takes: ATen's, bit-identical
     torch.testing.assert_close(eager.FAST["rms_norm"](x, None, 1e-6), REFERENCE["rms_norm"](x, None, 1e-6),
                                rtol=0, atol=0)
     strided = torch.randn(24, 40).t()  # not contiguous: the reference keeps its layout
