@@ -119,6 +119,7 @@ class GemmChoice:
     def __init__(self) -> None:
         self.choices: dict[tuple, str] = {}
         self.force: Optional[str] = None
+        self.generation = 0  # bumped whenever earlier choices stop holding (clear, force): GemmSite's key
 
     def pick(self, key: tuple, candidates: Callable[[], dict[str, Any]]) -> str:
         """The kernel for ``key``; on its first call, the faster of ``candidates()`` (kernel name → thunk,
@@ -134,6 +135,7 @@ class GemmChoice:
     def clear(self) -> None:
         """Forget every choice (they are timed again on next use)."""
         self.choices.clear()
+        self.generation += 1
 
 
 def _fastest(candidates: dict[str, Any], rounds: int = 3) -> str:
@@ -160,10 +162,12 @@ def gemm_kernel(kernel: Optional[str]) -> Iterator[None]:
         raise ValueError(f"gemm_kernel: kernel must be one of {GemmChoice.KERNELS} or None, got {kernel!r}")
     previous, GEMMS.force = GEMMS.force, kernel
     saved, GEMMS.choices = GEMMS.choices, {}  # choices made under another force do not apply
+    GEMMS.generation += 1
     try:
         yield
     finally:
         GEMMS.force, GEMMS.choices = previous, saved
+        GEMMS.generation += 1
 
 
 def _gemm_key(kind: str, x: Tensor, weight: Tensor, others: tuple, *extra: Any) -> tuple:
@@ -214,6 +218,47 @@ def _onednn_weight(weight: Tensor, parameter: Tensor, x: Tensor) -> Tensor:
     return weight
 
 
+def _linear_aten(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, algorithm: str,
+                 residual: Optional[Tensor], parameter: Optional[Tensor]) -> Tensor:
+    y = _activate(F.linear(x, weight, bias), act, algorithm)
+    return y if residual is None else y + residual
+
+
+def _linear_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, algorithm: str,
+                   residual: Optional[Tensor], parameter: Optional[Tensor]) -> Tensor:
+    packed = _onednn_weight(weight, weight if parameter is None else parameter, x)
+    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, act, [], algorithm)
+    return y if residual is None else y.add_(residual)
+
+
+def _linear_skinny(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, algorithm: str,
+                   residual: Optional[Tensor], parameter: Optional[Tensor]) -> Tensor:
+    return skinny_gemm.linear(x, weight, bias, _SKINNY_ACT[act, algorithm], residual)
+
+
+_LINEAR_KERNELS = {"aten": _linear_aten, "onednn": _linear_onednn, "skinny": _linear_skinny}
+
+
+def _linear_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none",
+                   algorithm: str = "", residual: Optional[Tensor] = None, *,
+                   parameter: Optional[Tensor] = None) -> Callable[..., Tensor]:
+    """The kernel :data:`GEMMS` chose for :func:`linear`'s operands (timing the candidates on first use)."""
+    operands = (x, weight, bias, act, algorithm, residual, parameter)
+
+    def candidates() -> dict[str, Any]:
+        found = {"aten": lambda: _linear_aten(*operands)}
+        if _onednn_ok(x, weight, bias, residual):
+            found["onednn"] = lambda: _linear_onednn(*operands)
+        if (act, algorithm) in _SKINNY_ACT and skinny_gemm.eligible(x, weight, bias, residual) and (
+                residual is None or residual.shape == (*x.shape[:-1], weight.shape[0])):
+            found["skinny"] = lambda: _linear_skinny(*operands)
+        return found
+
+    key = _gemm_key("linear", x, weight, (bias, residual), bias is None or bias.dtype, act, algorithm,
+                    residual is None or (residual.dtype, residual.shape))
+    return _LINEAR_KERNELS[GEMMS.pick(key, candidates)]
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = "none",
            algorithm: str = "", residual: Optional[Tensor] = None, *, parameter: Optional[Tensor] = None) -> Tensor:
     """``act(F.linear(x, weight, bias)) + residual``, with ``act`` one of "none", "gelu" (``algorithm``
@@ -223,65 +268,90 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act: str = 
 
     ``parameter`` is the tensor ``weight`` is a view of (default: ``weight`` itself); a parameter's
     packed copy is what oneDNN reads."""
-    def aten() -> Tensor:
-        y = _activate(F.linear(x, weight, bias), act, algorithm)
-        return y if residual is None else y + residual
+    kernel = _linear_kernel(x, weight, bias, act, algorithm, residual, parameter=parameter)
+    return kernel(x, weight, bias, act, algorithm, residual, parameter)
 
-    def onednn() -> Tensor:
-        packed = _onednn_weight(weight, weight if parameter is None else parameter, x)
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, act, [], algorithm)
-        return y if residual is None else y.add_(residual)
 
-    def skinny() -> Tensor:
-        return skinny_gemm.linear(x, weight, bias, _SKINNY_ACT[act, algorithm], residual)
+def _gated_aten(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up: Tensor, w_up: Tensor,
+                b_up: Optional[Tensor], activation: str) -> Tensor:
+    gate, up = F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up)
+    if gate.shape != up.shape or _needs_grad(gate, up):
+        return REFERENCE["gated_mlp_act"](gate, up, activation)
+    return _activate(gate, *_GATED[activation]).mul_(up)
+
+
+def _gated_onednn(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up: Tensor, w_up: Tensor,
+                  b_up: Optional[Tensor], activation: str) -> Tensor:
+    act, algorithm = _GATED[activation]
+    gate = torch.ops.mkldnn._linear_pointwise(x_gate, _onednn_weight(w_gate, w_gate, x_gate), b_gate, act, [],
+                                              algorithm)
+    return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, _onednn_weight(w_up, w_up, x_up), b_up, "mul")
+
+
+def _gated_skinny(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up: Tensor, w_up: Tensor,
+                  b_up: Optional[Tensor], activation: str) -> Tensor:
+    return skinny_gemm.gated(x_gate, w_gate, b_gate, w_up, b_up, activation)
+
+
+_GATED_KERNELS = {"aten": _gated_aten, "onednn": _gated_onednn, "skinny": _gated_skinny}
+
+
+def _gated_kernel(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up: Tensor, w_up: Tensor,
+                  b_up: Optional[Tensor], activation: str) -> Callable[..., Tensor]:
+    """The kernel :data:`GEMMS` chose for :func:`gated_linear`'s operands (timing them on first use)."""
+    operands = (x_gate, w_gate, b_gate, x_up, w_up, b_up, activation)
+    same_rows = x_gate.shape[:-1] == x_up.shape[:-1] and w_gate.shape[0] == w_up.shape[0]
 
     def candidates() -> dict[str, Any]:
-        found = {"aten": aten}
-        if _onednn_ok(x, weight, bias, residual):
-            found["onednn"] = onednn
-        if (act, algorithm) in _SKINNY_ACT and skinny_gemm.eligible(x, weight, bias, residual) and (
-                residual is None or residual.shape == (*x.shape[:-1], weight.shape[0])):
-            found["skinny"] = skinny
+        found = {"aten": lambda: _gated_aten(*operands)}
+        if same_rows and _onednn_ok(x_gate, w_gate, b_gate, x_up, w_up, b_up):
+            found["onednn"] = lambda: _gated_onednn(*operands)
+        if same_rows and x_gate is x_up and skinny_gemm.eligible(x_gate, w_gate, b_gate, w_up, b_up):
+            found["skinny"] = lambda: _gated_skinny(*operands)
         return found
 
-    key = _gemm_key("linear", x, weight, (bias, residual), bias is None or bias.dtype, act, algorithm,
-                    residual is None or (residual.dtype, residual.shape))
-    return {"aten": aten, "onednn": onednn, "skinny": skinny}[GEMMS.pick(key, candidates)]()
+    key = _gemm_key("gated", x_gate, w_gate, (b_gate, x_up, w_up, b_up), x_gate is x_up, same_rows,
+                    tuple(w_up.shape), w_up.stride(), x_up.dtype, b_gate is None or b_gate.dtype,
+                    b_up is None or b_up.dtype, activation)
+    return _GATED_KERNELS[GEMMS.pick(key, candidates)]
 
 
 def gated_linear(x_gate: Tensor, w_gate: Tensor, b_gate: Optional[Tensor], x_up: Tensor, w_up: Tensor,
                  b_up: Optional[Tensor], activation: str) -> Tensor:
     """``fxfuse.gated_mlp_act(F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up), activation)``;
     where gate and up read the same input, fxfuse's skinny GEMM can stream both weights in one pass."""
-    act, algorithm = _GATED[activation]
-    same_rows = x_gate.shape[:-1] == x_up.shape[:-1] and w_gate.shape[0] == w_up.shape[0]
+    kernel = _gated_kernel(x_gate, w_gate, b_gate, x_up, w_up, b_up, activation)
+    return kernel(x_gate, w_gate, b_gate, x_up, w_up, b_up, activation)
 
-    def aten() -> Tensor:
-        gate, up = F.linear(x_gate, w_gate, b_gate), F.linear(x_up, w_up, b_up)
-        if gate.shape != up.shape or _needs_grad(gate, up):
-            return REFERENCE["gated_mlp_act"](gate, up, activation)
-        return _activate(gate, act, algorithm).mul_(up)
 
-    def onednn() -> Tensor:
-        gate = torch.ops.mkldnn._linear_pointwise(x_gate, _onednn_weight(w_gate, w_gate, x_gate), b_gate, act,
-                                                  [], algorithm)
-        return torch.ops.mkldnn._linear_pointwise.binary(x_up, gate, _onednn_weight(w_up, w_up, x_up), b_up, "mul")
+class GemmSite:
+    """One GEMM node of a lowered graph (:func:`linear` or :func:`gated_linear`), remembering its kernel.
 
-    def skinny() -> Tensor:
-        return skinny_gemm.gated(x_gate, w_gate, b_gate, w_up, b_up, activation)
+    A decode step calls about 200 GEMMs, each a few tens of microseconds:
+    checking every call's operands for every kernel and building the choice's
+    key cost about as much as the Python around the GEMM. A site keeps the
+    kernel chosen for its input's shape and whether a gradient is wanted (the
+    graph fixes its operands' dtypes, devices and weights), and asks again
+    when :data:`GEMMS` forgets its choices or oneDNN is turned off.
+    """
 
-    def candidates() -> dict[str, Any]:
-        found = {"aten": aten}
-        if same_rows and _onednn_ok(x_gate, w_gate, b_gate, x_up, w_up, b_up):
-            found["onednn"] = onednn
-        if same_rows and x_gate is x_up and skinny_gemm.eligible(x_gate, w_gate, b_gate, w_up, b_up):
-            found["skinny"] = skinny
-        return found
+    def __init__(self, kind: str, number: int) -> None:
+        self.choose = _linear_kernel if kind == "linear" else _gated_kernel
+        self.kernels: dict[tuple, Callable[..., Tensor]] = {}
+        self.__name__ = self.__qualname__ = f"{kind}_site_{number}"  # how the lowered graph's code names it
+        self.__module__ = __name__
 
-    key = _gemm_key("gated", x_gate, w_gate, (b_gate, x_up, w_up, b_up), x_gate is x_up, same_rows,
-                    tuple(w_up.shape), w_up.stride(), x_up.dtype, b_gate is None or b_gate.dtype,
-                    b_up is None or b_up.dtype, activation)
-    return {"aten": aten, "onednn": onednn, "skinny": skinny}[GEMMS.pick(key, candidates)]()
+    def __call__(self, *args: Any) -> Tensor:
+        grad = torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+        key = (args[0].shape, grad, GEMMS.generation, torch.backends.mkldnn.enabled)
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            kernel = self.kernels[key] = self.choose(*args)
+        return kernel(*args) if self.choose is _gated_kernel else kernel(*args, *_LINEAR_DEFAULTS[len(args):])
+
+
+# linear()'s positional arguments after x and weight, with their defaults, for a site's short calls.
+_LINEAR_DEFAULTS = (None, None, None, "none", "", None, None)
 
 
 def addmm(bias: Tensor, x: Tensor, weight_in_out: Tensor) -> Tensor:
@@ -314,16 +384,21 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fal
     The reference builds rotate_half(x) by concatenation and copies its
     result back into the input's (B, S, H, D) layout; this writes each half
     straight into that layout: 0.44 ms instead of 2.9 ms for 12 + 4 heads of
-    512 tokens on the project's Xeon. Interleaved pairs, autograd, cos/sin
-    that broadcast past q or k, and small calls run the reference.
+    512 tokens on the project's Xeon. A decode step's few heads (float32,
+    ``rows.MAX_ROWS`` rows at most) run fxfuse's row kernel, one C++ call;
+    interleaved pairs, autograd, cos/sin that broadcast past q or k, and
+    other small calls run the reference.
     """
     _check_rope(q, k, cos, sin)
-    fast = (not interleaved and not _needs_grad(q, k, cos, sin) and q.dtype == k.dtype == cos.dtype == sin.dtype
+    if not interleaved and k.numel() <= rows.MAX_ROWS * k.shape[-1] and rows.eligible(q, k, cos, sin):
+        rotated = rows.rope(q, k, cos, sin)  # a decode step's few heads: one C++ call
+        if rotated is not None:
+            return rotated
+    fast = (not interleaved and q.numel() >= ROPE_MIN_ELEMENTS and not _needs_grad(q, k, cos, sin)
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
             and all(cos.dim() <= x.dim() and torch.broadcast_shapes(x.shape[:-1], cos.shape[:-1]) == x.shape[:-1]
                     for x in (q, k)))
-    if fast and rows.eligible(q, k, cos, sin) and k.numel() <= rows.MAX_ROWS * k.shape[-1]:
-        return rows.rope(q, k, cos, sin)
-    if not fast or q.numel() < ROPE_MIN_ELEMENTS:
+    if not fast:
         return REFERENCE["rope"](q, k, cos, sin, interleaved)
     return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
 
@@ -418,18 +493,20 @@ def _lower_linears(graph: fx.Graph) -> Counter:
             if gate is None or up is None or node.args[0] is node.args[1] or activation not in _GATED:
                 continue
             sources = node.args[:2]
-            node.target, node.args, node.kwargs = gated_linear, (*gate, *up, activation), {}
+            node.target, node.args, node.kwargs = GemmSite("gated", sum(lowered.values())), (*gate, *up, activation), {}
             lowered[f"gated_linear({activation})"] += 1
             for source in sources:
                 graph.erase_node(source)
         elif (post_op := _epilogue(node)) is not None and (args := _linear_args(node.args[0])) is not None:
             source = node.args[0]
-            node.target, node.args, node.kwargs = linear, (*args, *post_op), {}
+            node.target, node.args, node.kwargs = GemmSite("linear", sum(lowered.values())), (*args, *post_op), {}
             lowered[f"linear+{node.args[3]}"] += 1
             graph.erase_node(source)
     for node in graph.nodes:
         if node.op == "call_function" and node.target is _LINEAR:
-            node.target = linear
+            x, weight, *rest = node.args
+            bias = node.kwargs.get("bias", rest[0] if rest else None)
+            node.target, node.args, node.kwargs = GemmSite("linear", sum(lowered.values())), (x, weight, bias), {}
             lowered["linear"] += 1
         elif node.op == "call_function" and _is_plain_addmm(node):
             node.target = addmm

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -19,7 +20,8 @@ std::string isa();
 at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& w, double eps);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                 const c10::optional<at::Tensor>& w, double eps);
-std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                        const at::Tensor& sin);
+// None where cos and sin do not broadcast within q's and k's shapes.
+std::optional<std::tuple<at::Tensor, at::Tensor>> rope(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& cos, const at::Tensor& sin);
 
 }  // namespace fxfuse_cpu

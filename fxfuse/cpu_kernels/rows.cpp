@@ -7,6 +7,7 @@
 #include "kernels.h"
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace fxfuse_cpu {
@@ -113,14 +114,29 @@ at::Tensor rotate_half(const at::Tensor& x, const at::Tensor& cos, const at::Ten
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                        const at::Tensor& sin) {
+namespace {
+
+// True if cos's dims before the last broadcast to x's without adding any (x keeps its shape).
+bool broadcasts_within(const at::Tensor& cos, const at::Tensor& x) {
+  if (cos.dim() > x.dim()) return false;
+  for (int64_t i = 2; i <= cos.dim(); ++i) {
+    const int64_t c = cos.size(-i);
+    if (c != 1 && c != x.size(-i)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> rope(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& cos, const at::Tensor& sin) {
   for (const at::Tensor* t : {&q, &k, &cos, &sin}) check_float_cpu(*t, "fxfuse rows.rope");
   TORCH_CHECK(cos.sizes() == sin.sizes(), "fxfuse rows.rope: cos and sin must have one shape");
   const int64_t r = cos.size(-1);
   TORCH_CHECK(r % 2 == 0 && r <= q.size(-1) && r <= k.size(-1),
               "fxfuse rows.rope: the rotary dim must be even and at most the head dim");
-  return {rotate_half(q, cos, sin), rotate_half(k, cos, sin)};
+  if (!broadcasts_within(cos, q) || !broadcasts_within(cos, k)) return std::nullopt;
+  return std::make_tuple(rotate_half(q, cos, sin), rotate_half(k, cos, sin));
 }
 
 }  // namespace fxfuse_cpu

@@ -43,6 +43,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: flo
     return build.require().add_rms_norm(x, residual, weight, eps)
 
 
-def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """``fxfuse.rope`` with rotate_half pairs (not interleaved): cos and sin broadcast against q and k."""
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """``fxfuse.rope`` with rotate_half pairs (not interleaved); None where cos and sin do not broadcast
+    within q's and k's shapes (the reference then broadcasts past them)."""
     return build.require().rope(q, k, cos, sin)

@@ -86,7 +86,7 @@ Dot pick_dot() {
   return dot_generic;
 }
 
-const Dot dot = pick_dot();
+const Dot dot_kernel = pick_dot();
 
 // Output rows per parallel task unit: a thread gets a contiguous run of weight rows (one stream), and a
 // matrix of fewer rows than this runs on one thread (the parallel region's start costs more than it saves).
@@ -143,7 +143,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const c10::option
       const float bias = bp ? bp[r] : 0.f;
       for (int64_t row = 0; row < m; ++row) {
         const int64_t j = row * n + r;
-        const float v = activate(dot(xp + row * k, wr, k) + bias, act);
+        const float v = activate(dot_kernel(xp + row * k, wr, k) + bias, act);
         yp[j] = residual ? v + residual[j] : v;
       }
     }
@@ -175,8 +175,8 @@ at::Tensor gated(const at::Tensor& x_in, const at::Tensor& w_gate, const c10::op
       const float* gr = gp + r * ldg;
       const float* ur = up + r * ldu;
       for (int64_t row = 0; row < m; ++row) {
-        const float gate = activate(dot(xp + row * k, gr, k) + (bg ? bg[r] : 0.f), act);
-        yp[row * n + r] = gate * (dot(xp + row * k, ur, k) + (bu ? bu[r] : 0.f));
+        const float gate = activate(dot_kernel(xp + row * k, gr, k) + (bg ? bg[r] : 0.f), act);
+        yp[row * n + r] = gate * (dot_kernel(xp + row * k, ur, k) + (bu ? bu[r] : 0.f));
       }
     }
   });
@@ -184,7 +184,7 @@ at::Tensor gated(const at::Tensor& x_in, const at::Tensor& w_gate, const c10::op
 }
 
 std::string isa() {
-  return dot == dot_generic ? "generic" : "avx2+fma";
+  return dot_kernel == dot_generic ? "generic" : "avx2+fma";
 }
 
 }  // namespace fxfuse_cpu

@@ -38,6 +38,7 @@ def test_rope_matches_the_reference_in_any_layout(rot_dim):
     k = torch.randn(2, 3, 1, 64, generator=g)
     cos, sin = torch.randn(2, 1, 1, rot_dim, generator=g), torch.randn(2, 1, 1, rot_dim, generator=g)
     (gq, gk), (rq, rk) = rows.rope(q, k, cos, sin), REFERENCE["rope"](q, k, cos, sin, False)
+    assert rows.rope(q, k, torch.randn(3, 1, 1, rot_dim), torch.randn(3, 1, 1, rot_dim)) is None  # past q
     torch.testing.assert_close(gq, rq, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gk, rk, rtol=1e-6, atol=1e-6)
     assert torch.equal(gq[..., rot_dim:], q[..., rot_dim:])  # the pass-through dims are copied
