@@ -22,13 +22,13 @@ MAX_ROWS = 64
 
 def eligible(x: Tensor, *others: Optional[Tensor]) -> bool:
     """True if the row ops can take these operands: float32 CPU tensors, at most :data:`MAX_ROWS` rows of
-    ``x``, no gradient wanted, and the kernels built."""
-    tensors = [t for t in (x, *others) if t is not None]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    ``x``, no gradient wanted, and the kernels built. (Called on every decode op: written for speed.)"""
+    if x.dtype is not torch.float32 or x.device.type != "cpu" or x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1]:
         return False
-    if x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1]:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    for t in others:
+        if t is not None and (t.dtype is not torch.float32 or t.device.type != "cpu"):
+            return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in others)):
         return False
     return build.available()
 
