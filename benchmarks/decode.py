@@ -75,6 +75,7 @@ from benchmarks.machine import cpu_family_model, cpu_name  # noqa: E402
 from fxfuse.codegen import roofline  # noqa: E402
 from fxfuse.codegen.roofline import read_bandwidth  # noqa: E402
 from fxfuse.cpu_kernels import skinny_gemm  # noqa: E402
+from fxfuse.cpu_kernels.arena import huge_page_buffer  # noqa: E402
 
 try:
     import onnxruntime_genai as og
@@ -335,7 +336,7 @@ def measure(spec: Model, reference: torch.nn.Module, prompt: torch.Tensor, threa
     weights, kv, linears = step_bytes(reference, cache, reference.config, prompt.shape[1] + new_tokens)
     # The floor is timed in the same rounds (the host's bandwidth drifts by 1.5x over seconds): a torch.sum
     # over a buffer of the step's bytes; and the step's GEMMs alone on fxfuse's skinny kernel.
-    buffer = torch.ones((weights + kv) // 4)
+    buffer = huge_page_buffer(weights + kv).view(torch.float32).fill_(1.0)  # as fast as a sum reads
     floor = [lambda: buffer.sum(), gemms_alone(reference)]
     bandwidth = read_bandwidth(fresh=True)
     step_times = rounds([*steps, *floor], args.step_repeats)
@@ -402,7 +403,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
         f"rewound), one step of every way per round, {args.step_repeats} rounds; (GenAI) the median of its "
         "`generate_next_token` calls after the first token in the generate rounds. *Floor*: the bytes a decode "
         "step must read (every `nn.Linear` weight, the LM head's included, a tied tensor once, plus the static "
-        "KV cache) read by a `torch.sum` over a buffer of that size, timed as one more entry of the step rounds "
+        "KV cache) read by a `torch.sum` over a buffer of that size on huge pages, timed as one more entry of the step rounds "
         "(the host's bandwidth drifts over seconds); *step / floor*: the median of the step's time over the "
         "floor's in the same round (GenAI: the ratio of the medians), 1.00 is as fast as memory allows. *its "
         "GEMMs alone*: every linear weight times one row on fxfuse's skinny kernel, back to back, in the same "

@@ -58,8 +58,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxfuse.codegen import lower as lower_program
 from fxfuse.codegen import triton_available
-from fxfuse.codegen.inductor import AtenGemms, compile_with_inductor, decode_step, step_bytes
+from fxfuse.codegen.inductor import AtenGemms, compile_with_inductor, decode_step, gemm_weights, step_bytes
 from fxfuse.codegen.roofline import Floor, read_bandwidth
+from fxfuse.cpu_kernels import arena
 from fxfuse.cpu_kernels import build as cpu_kernels
 from fxfuse.errors import InputError, is_strict
 from fxfuse.ir.inputs import Probe, derive_probes
@@ -205,6 +206,10 @@ class Backend:
         if not cpu_kernels.available():
             report.notes.append(f"fxfuse's CPU kernels are not built ({cpu_kernels.unavailable_reason()}): the "
                                 "decode step's GEMMs run on ATen's and oneDNN's kernels")
+        moved = arena.rehome([weight for _, _, weight in gemm_weights(gm, flatten_subclasses(inputs.real))])
+        if moved:
+            report.notes.append(f"decode step: its GEMM weights ({moved / 2**20:.0f} MiB) moved into one huge-page "
+                                "arena, read in the order the step reads them (fxfuse.cpu_kernels.arena)")
         eager = lower_program(gm, "eager")
         gemms = AtenGemms(gm, flatten_subclasses(inputs.real))
         if gemms.calls:

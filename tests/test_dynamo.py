@@ -216,7 +216,8 @@ def test_auto_hands_decode_steps_to_inductor_where_it_is_faster(monkeypatch):
             model.generate(ids, **settings)
     assert torch.equal(tokens, expected)
     assert [r.backend for r in backend.reports] == ["eager", "inductor"]
-    assert "decode step (GEMMs of at most 2 rows" in backend.reports[1].notes[-3]
+    assert "decode step (GEMMs of at most 2 rows" in backend.reports[1].notes[-4]
+    assert "moved into one huge-page arena" in backend.reports[1].notes[-3]
     assert "auto lowering: inductor, the faster on the call's inputs (a call took 1.00 ms with Inductor, 2.00 ms" \
         in backend.reports[1].notes[-2]
     assert backend.reports[1].notes[-1].startswith("decode step: 1.00 ms reading ")  # the faster one's time
@@ -275,6 +276,7 @@ def test_auto_does_not_compile_inductor_where_the_eager_step_beats_the_gemms_alo
     assert (1, config.hidden_size, config.vocab_size) in gemms.shapes
     assert f"Inductor not compiled: a call took 1.00 ms, no more than its {len(gemms.shapes)} GEMMs alone" in \
         backend.reports[1].notes[-2]
+    assert "its GEMM weights (0 MiB) moved into one huge-page arena" in " ".join(backend.reports[1].notes)
     # The step beside its memory floor: every weight a GEMM reads (the LM head's too) and the static KV cache.
     model = transformers.AutoModelForCausalLM.from_config(config)
     weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))

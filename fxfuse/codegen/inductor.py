@@ -82,6 +82,16 @@ def decode_step(gm: fx.GraphModule) -> Optional[str]:
     return f"GEMMs of at most {max(rows)} rows reading {weight_bytes / 2**20:.0f} MiB of weights"
 
 
+def gemm_weights(gm: fx.GraphModule, inputs: Sequence[Any]) -> Iterator[tuple[fx.Node, Tensor, Tensor]]:
+    """Each GEMM node whose weight is a graph input, in graph order, with the fake value of its input rows and
+    its real 2-D weight (``inputs``: the graph's real inputs in placeholder order)."""
+    position = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    for node, x, w_arg, _ in _gemms(gm):
+        weight = inputs[position[w_arg]] if w_arg in position else None
+        if isinstance(weight, Tensor) and weight.dim() == 2:
+            yield node, x, weight
+
+
 class AtenGemms:
     """A graph's GEMMs alone as Inductor runs them on the CPU (ATen's kernels), on its real weights.
 
@@ -91,14 +101,10 @@ class AtenGemms:
     """
 
     def __init__(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
-        position = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
         self.calls: list[tuple[Tensor, Tensor]] = []
         self.shapes: list[tuple[int, int, int]] = []
-        for node, x, w_arg, _ in _gemms(gm):
-            if w_arg not in position or not all(isinstance(d, int) for d in x.shape):
-                continue
-            weight = inputs[position[w_arg]]
-            if not isinstance(weight, Tensor) or weight.dim() != 2:
+        for node, x, weight in gemm_weights(gm, inputs):
+            if not all(isinstance(d, int) for d in x.shape):
                 continue
             if node.target is torch.ops.aten.linear.default:  # stored (out, in)
                 weight = weight.t()

@@ -16,19 +16,21 @@ from dataclasses import dataclass
 
 import torch
 
+from fxfuse.cpu_kernels.arena import huge_page_buffer
+
 # Far larger than any CPU's last-level cache (the project's CPUs have 32-96 MiB of L3).
 BUFFER_BYTES = 256 * 2**20
 _MEASURED: dict[int, float] = {}
 
 
 def read_bandwidth(repeats: int = 7, fresh: bool = False) -> float:
-    """Bytes per second that a ``torch.sum`` over a 256 MiB float32 buffer reads, median of ``repeats`` calls,
+    """Bytes per second that a ``torch.sum`` over a 256 MiB float32 buffer (on huge pages where the OS gives
+    them) reads, median of ``repeats`` calls,
     at the current ``torch.get_num_threads()``; measured once per thread count and process (``fresh`` to
     measure again). About half a second."""
     threads = torch.get_num_threads()
     if fresh or threads not in _MEASURED:
-        buffer = torch.ones(BUFFER_BYTES // 4)
-        buffer.sum()  # page the buffer in
+        buffer = huge_page_buffer(BUFFER_BYTES).view(torch.float32).fill_(1.0)
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
