@@ -58,7 +58,7 @@ import transformers  # noqa: E402
 
 import fxfuse  # noqa: E402
 from benchmarks.cpu_latency import llama_100m, llama_100m_config, minilm, smollm2  # noqa: E402
-from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.machine import cpu_family_model, cpu_name  # noqa: E402
 from fxfuse.ir.numerics import compare  # noqa: E402
 
 COMMAND = "python benchmarks/compile.py"
@@ -285,7 +285,7 @@ def render(prefill_rows: list[dict], decode_rows: list[dict], args: argparse.Nam
         "",
         f"- date: {datetime.date.today().isoformat()}; command: `{COMMAND} --repeats {args.repeats} "
         f"--decode-repeats {args.decode_repeats} --step-repeats {args.step_repeats} --threads {args.threads}`",
-        f"- machine: {cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads; python "
+        f"- machine: {cpu_name()} ({cpu_family_model()}), {platform.machine()}, {torch.get_num_threads()} threads; python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
         "- method: one copy of the model per way, compiled by its first call; then rounds in which every way "
         "runs once, in an order shuffled each round, in one process; medians. *Its GEMMs alone (floor)*: every "
