@@ -1,4 +1,4 @@
-"""Eager back end: the dialect ops' reference implementations, and oneDNN linears on the CPU.
+"""Eager back end: the dialect ops' reference implementations, and oneDNN or fxfuse's own linears on the CPU.
 
 :func:`lower` takes the optimized graph module and returns an
 :class:`EagerProgram`, a copy of the graph (reading parameters through the
@@ -9,7 +9,8 @@ optimized module, ``_root``, as the Triton program does) in which
   (``fxfuse.ir.dialect.REFERENCE``), or for the rotary embedding and the
   RMS norms this module's forms (:data:`FAST`), which compute the same
   numbers in fewer passes over memory;
-* each ``aten.linear`` calls :func:`linear`, and a linear whose only reader is
+* each ``aten.linear`` calls :func:`linear` through a :class:`GemmSite`
+  (which keeps the node's kernel), and a linear whose only reader is
   an activation (``fxfuse.gelu`` erf or tanh, ``relu``, ``silu``) calls it
   with that activation as its epilogue; a ``fxfuse.gated_mlp_act`` whose gate
   and up inputs are single-use linears becomes :func:`gated_linear`: the gate
@@ -20,8 +21,10 @@ optimized module, ``_root``, as the Triton program does) in which
 
 :func:`linear` runs oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
 the kernel Inductor's CPU back end uses for linear + pointwise fusion) or
-``F.linear`` plus the activation (ATen's GEMM, MKL on x86), whichever
-:data:`GEMMS` timed faster for that shape on this machine, on CPU
+``F.linear`` plus the activation (ATen's GEMM, MKL on x86) or, for at most
+16 rows (a decode step), fxfuse's skinny GEMM (``fxfuse.cpu_kernels``, which
+streams each weight at memory speed), whichever :data:`GEMMS` timed fastest
+for that shape on this machine, on CPU
 float32/bfloat16 tensors when no gradient is needed; ``F.linear`` otherwise
 (CUDA tensors, autograd, other dtypes, oneDNN turned off with
 ``torch.backends.mkldnn.flags(enabled=False)``), so the program computes the
